@@ -1,0 +1,1 @@
+"""ChatML chat: template, sampling and stop-aware streaming generation."""

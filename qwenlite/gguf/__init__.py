@@ -1,0 +1,1 @@
+"""GGUF container format: constants, a validating memory-mapped reader and a streaming writer."""

@@ -1,0 +1,1 @@
+"""Numba compute kernels: quantized matmul and the transformer ops."""

@@ -1,0 +1,1 @@
+"""Model hyperparameters and forward passes."""

@@ -1,0 +1,1 @@
+"""Quantization formats: one module per ggml type, plus the shared registry (see docs/architecture.md)."""
