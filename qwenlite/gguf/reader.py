@@ -1,0 +1,305 @@
+"""A validating, memory-mapped GGUF reader.
+
+The file is mapped, never read whole: tensor data stays in the page cache and reaches the kernels as
+zero-copy ``uint8`` views. Everything the header claims is checked against the file before it is
+believed, because GGUF files come from strangers: every length and count is bounded by the bytes that
+are actually left, so hostile metadata (a string of 2**60 bytes, an array of 2**60 items) fails with a
+clear ``GGUFError`` instead of allocating unbounded memory, and every tensor must lie inside the file
+with a byte size that matches its type and shape.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf.constants import GGML_QUANT_SIZES
+
+from qwenlite.errors import GGUFError
+from qwenlite.gguf.constants import (
+    GGUF_DEFAULT_ALIGNMENT,
+    GGUF_MAGIC,
+    GGUF_SUPPORTED_VERSIONS,
+    GGMLType,
+    GGUFValueType,
+)
+
+MAX_DIMS = 4
+MAX_NAME_BYTES = 65535
+
+_SCALAR_FORMATS: dict[GGUFValueType, str] = {
+    GGUFValueType.UINT8: "<B",
+    GGUFValueType.INT8: "<b",
+    GGUFValueType.UINT16: "<H",
+    GGUFValueType.INT16: "<h",
+    GGUFValueType.UINT32: "<I",
+    GGUFValueType.INT32: "<i",
+    GGUFValueType.FLOAT32: "<f",
+    GGUFValueType.BOOL: "<?",
+    GGUFValueType.UINT64: "<Q",
+    GGUFValueType.INT64: "<q",
+    GGUFValueType.FLOAT64: "<d",
+}
+_NUMPY_DTYPES: dict[GGUFValueType, str] = {
+    GGUFValueType.UINT8: "<u1",
+    GGUFValueType.INT8: "<i1",
+    GGUFValueType.UINT16: "<u2",
+    GGUFValueType.INT16: "<i2",
+    GGUFValueType.UINT32: "<u4",
+    GGUFValueType.INT32: "<i4",
+    GGUFValueType.FLOAT32: "<f4",
+    GGUFValueType.BOOL: "<u1",
+    GGUFValueType.UINT64: "<u8",
+    GGUFValueType.INT64: "<i8",
+    GGUFValueType.FLOAT64: "<f8",
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of the file. ``shape`` is numpy order: GGUF ne ``[n_in, n_out]`` is ``(n_out, n_in)``."""
+
+    name: str
+    shape: tuple[int, ...]
+    qtype: GGMLType
+    offset: int
+    nbytes: int
+    data: np.ndarray = field(repr=False, compare=False)
+
+    @property
+    def n_values(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    def rows(self) -> np.ndarray:
+        """The raw blocks as ``uint8 [..., row_bytes]``: one row per innermost row of values."""
+        row_bytes = self.nbytes // max(1, self.n_values // self.shape[-1])
+        return self.data.reshape(*self.shape[:-1], row_bytes)
+
+
+class _Cursor:
+    """Bounds-checked little-endian reads from the mapped header."""
+
+    def __init__(self, buf: memoryview, path: Path) -> None:
+        self.buf = buf
+        self.pos = 0
+        self.path = path
+
+    def need(self, n: int, what: str) -> None:
+        if n < 0 or self.pos + n > len(self.buf):
+            raise GGUFError(
+                f"{self.path}: truncated or corrupt GGUF: {what} needs {n} bytes at offset {self.pos}, "
+                f"file has {len(self.buf)}"
+            )
+
+    def scalar(self, fmt: str, what: str) -> Any:
+        size = struct.calcsize(fmt)
+        self.need(size, what)
+        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += size
+        return value
+
+    def string(self, what: str, limit: int | None = None) -> str:
+        n = self.scalar("<Q", f"length of {what}")
+        if limit is not None and n > limit:
+            raise GGUFError(f"{self.path}: {what} is {n} bytes long, more than the limit of {limit}")
+        self.need(n, what)
+        raw = bytes(self.buf[self.pos : self.pos + n])
+        self.pos += n
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise GGUFError(f"{self.path}: {what} is not valid UTF-8") from exc
+
+    def value(self, vtype: int, key: str) -> Any:
+        try:
+            vt = GGUFValueType(vtype)
+        except ValueError:
+            raise GGUFError(f"{self.path}: metadata key {key!r} has unknown value type {vtype}") from None
+        if vt == GGUFValueType.STRING:
+            return self.string(f"value of {key!r}")
+        if vt == GGUFValueType.ARRAY:
+            return self.array(key)
+        value = self.scalar(_SCALAR_FORMATS[vt], f"value of {key!r}")
+        return bool(value) if vt == GGUFValueType.BOOL else value
+
+    def array(self, key: str) -> Any:
+        etype = self.scalar("<I", f"array type of {key!r}")
+        count = self.scalar("<Q", f"array length of {key!r}")
+        left = len(self.buf) - self.pos
+        try:
+            et = GGUFValueType(etype)
+        except ValueError:
+            raise GGUFError(f"{self.path}: array {key!r} has unknown element type {etype}") from None
+        if et == GGUFValueType.STRING:
+            if count > left // 8:  # every string costs at least its 8-byte length
+                raise GGUFError(f"{self.path}: array {key!r} claims {count} strings, more than the file holds")
+            return [self.string(f"item of {key!r}") for _ in range(count)]
+        if et == GGUFValueType.ARRAY:
+            if count > left // 12:
+                raise GGUFError(f"{self.path}: array {key!r} claims {count} arrays, more than the file holds")
+            return [self.array(key) for _ in range(count)]
+        dtype = np.dtype(_NUMPY_DTYPES[et])
+        self.need(count * dtype.itemsize, f"array {key!r} of {count} items")
+        arr = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos).copy()
+        self.pos += count * dtype.itemsize
+        return arr.astype(bool) if et == GGUFValueType.BOOL else arr
+
+
+def _tensor_nbytes(path: Path, name: str, shape_ne: list[int], qtype: GGMLType) -> int:
+    if qtype.name not in {t.name for t in GGML_QUANT_SIZES}:
+        raise GGUFError(f"{path}: tensor {name!r} has type {qtype.name} whose block size is unknown")
+    block, type_size = next(v for k, v in GGML_QUANT_SIZES.items() if k.name == qtype.name)
+    if shape_ne[0] % block:
+        raise GGUFError(
+            f"{path}: tensor {name!r} has rows of {shape_ne[0]} values, not a multiple of the "
+            f"{qtype.name} block of {block}"
+        )
+    n = 1
+    for d in shape_ne:
+        n *= d
+    return n // block * type_size
+
+
+class GGUFFile:
+    """A GGUF file mapped read-only. Use as a context manager or call ``close()``."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise GGUFError(f"{self.path}: no such model file")
+        size = self.path.stat().st_size
+        if size < 24:
+            raise GGUFError(f"{self.path}: truncated GGUF file ({size} bytes)")
+        with open(self.path, "rb") as fh:
+            self._mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            self._parse(size)
+        except BaseException:
+            self.close()
+            raise
+
+    def _parse(self, size: int) -> None:
+        buf = memoryview(self._mmap)
+        cur = _Cursor(buf, self.path)
+        magic = bytes(buf[:4])
+        if magic != GGUF_MAGIC:
+            raise GGUFError(f"{self.path}: not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
+        cur.pos = 4
+        self.version = cur.scalar("<I", "version")
+        if self.version not in GGUF_SUPPORTED_VERSIONS:
+            raise GGUFError(f"{self.path}: unsupported GGUF version {self.version}")
+        n_tensors = cur.scalar("<Q", "tensor count")
+        n_kv = cur.scalar("<Q", "metadata count")
+        if n_kv > size // 13 or n_tensors > size // 25:  # smallest possible entries
+            raise GGUFError(f"{self.path}: header claims {n_kv} keys and {n_tensors} tensors: corrupt file")
+
+        self.metadata: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = cur.string("metadata key", MAX_NAME_BYTES)
+            vtype = cur.scalar("<I", f"type of {key!r}")
+            if key in self.metadata:
+                raise GGUFError(f"{self.path}: duplicate metadata key {key!r}")
+            self.metadata[key] = cur.value(vtype, key)
+
+        alignment = self.metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
+        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+            raise GGUFError(f"{self.path}: general.alignment {alignment!r} is not a power of two")
+
+        raw_infos = []
+        for _ in range(n_tensors):
+            name = cur.string("tensor name", MAX_NAME_BYTES)
+            n_dims = cur.scalar("<I", f"dimension count of {name!r}")
+            if not 1 <= n_dims <= MAX_DIMS:
+                raise GGUFError(f"{self.path}: tensor {name!r} has {n_dims} dimensions (1..{MAX_DIMS} allowed)")
+            ne = [cur.scalar("<Q", f"shape of {name!r}") for _ in range(n_dims)]
+            if any(d <= 0 or d >= 2**40 for d in ne):
+                raise GGUFError(f"{self.path}: tensor {name!r} has an invalid shape {ne}")
+            type_id = cur.scalar("<I", f"type of {name!r}")
+            try:
+                qtype = GGMLType(type_id)
+            except ValueError:
+                raise GGUFError(f"{self.path}: tensor {name!r} has unknown ggml type {type_id}") from None
+            offset = cur.scalar("<Q", f"offset of {name!r}")
+            raw_infos.append((name, ne, qtype, offset))
+
+        data_start = -(-cur.pos // alignment) * alignment
+        self.data_offset = data_start
+        self.alignment = alignment
+        data = np.frombuffer(self._mmap, dtype=np.uint8)
+        self.tensors: dict[str, TensorInfo] = {}
+        spans = []
+        for name, ne, qtype, rel in raw_infos:
+            if name in self.tensors:
+                raise GGUFError(f"{self.path}: duplicate tensor {name!r}")
+            if rel % alignment:
+                raise GGUFError(f"{self.path}: tensor {name!r} offset {rel} is not aligned to {alignment}")
+            nbytes = _tensor_nbytes(self.path, name, ne, qtype)
+            start = data_start + rel
+            if start + nbytes > size:
+                raise GGUFError(
+                    f"{self.path}: tensor {name!r} ends at byte {start + nbytes}, past the end of the "
+                    f"file ({size} bytes): truncated or corrupt"
+                )
+            spans.append((start, start + nbytes, name))
+            self.tensors[name] = TensorInfo(
+                name=name,
+                shape=tuple(reversed(ne)),
+                qtype=qtype,
+                offset=start,
+                nbytes=nbytes,
+                data=data[start : start + nbytes],
+            )
+        spans.sort()
+        for (_, end_a, name_a), (start_b, _, name_b) in zip(spans, spans[1:]):
+            if start_b < end_a:
+                raise GGUFError(f"{self.path}: tensors {name_a!r} and {name_b!r} overlap")
+        self.file_size = size
+
+    @property
+    def architecture(self) -> str:
+        arch = self.metadata.get("general.architecture")
+        if not isinstance(arch, str):
+            raise GGUFError(f"{self.path}: no general.architecture in metadata")
+        return arch
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.metadata.get(key, default)
+
+    def require(self, key: str, kind: type | tuple[type, ...] = object) -> Any:
+        """A metadata value that must be present (and of ``kind``), else a clear error."""
+        if key not in self.metadata:
+            raise GGUFError(f"{self.path}: missing metadata key {key!r}")
+        value = self.metadata[key]
+        if kind is not object and not isinstance(value, kind):
+            raise GGUFError(f"{self.path}: metadata {key!r} has type {type(value).__name__}")
+        return value
+
+    def tensor(self, name: str) -> TensorInfo:
+        if name not in self.tensors:
+            raise GGUFError(f"{self.path}: missing tensor {name!r}")
+        return self.tensors[name]
+
+    def __iter__(self) -> Iterator[TensorInfo]:
+        return iter(self.tensors.values())
+
+    def close(self) -> None:
+        """Unmap the file. Views into it must not be used afterwards."""
+        self.tensors = {}
+        mm = getattr(self, "_mmap", None)
+        if mm is not None:
+            # Numpy views may still be alive: then the map closes when they are collected.
+            with contextlib.suppress(BufferError):
+                mm.close()
+
+    def __enter__(self) -> GGUFFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

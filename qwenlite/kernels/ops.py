@@ -1,0 +1,119 @@
+"""The transformer's non-matmul ops as Numba kernels: RMSNorm, RoPE (NEOX), SwiGLU, causal GQA attention.
+
+All work on float32 rows ``[T, ...]`` (T tokens at once for prefill, T=1 for decode) and are parallel
+over rows or heads. Reductions accumulate in float32 local scalars like ggml does on the CPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """y = x / sqrt(mean(x^2) + eps) * weight, per row of ``x [T, d]``."""
+    T, d = x.shape
+    out = np.empty_like(x)
+    for t in prange(T):
+        ss = np.float32(0.0)
+        for i in range(d):
+            ss += x[t, i] * x[t, i]
+        scale = np.float32(1.0) / np.sqrt(ss / np.float32(d) + np.float32(eps))
+        for i in range(d):
+            out[t, i] = x[t, i] * scale * weight[i]
+    return out
+
+
+def rope_tables(n_ctx: int, head_dim: int, base: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin ``[n_ctx, head_dim/2]`` for NEOX RoPE, computed like HF (float32 inverse frequencies)."""
+    inv_freq = (1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim)))
+    angles = np.outer(np.arange(n_ctx, dtype=np.float32), inv_freq.astype(np.float32))
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+@njit(cache=True, parallel=True)
+def rope_neox(x: np.ndarray, n_heads: int, pos0: int, cos: np.ndarray, sin: np.ndarray) -> None:
+    """Rotate ``x [T, n_heads*hd]`` in place: pairs (i, i + hd/2) of each head, positions pos0..pos0+T-1."""
+    T = x.shape[0]
+    hd = x.shape[1] // n_heads
+    half = hd // 2
+    for t in prange(T):
+        p = pos0 + t
+        for h in range(n_heads):
+            base = h * hd
+            for i in range(half):
+                a = x[t, base + i]
+                b = x[t, base + half + i]
+                c = cos[p, i]
+                s = sin[p, i]
+                x[t, base + i] = a * c - b * s
+                x[t, base + half + i] = a * s + b * c
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """silu(gate) * up, elementwise over ``[T, n_ff]``."""
+    T, n = gate.shape
+    out = np.empty_like(gate)
+    for t in prange(T):
+        for i in range(n):
+            g = gate[t, i]
+            out[t, i] = g / (np.float32(1.0) + np.exp(-g)) * up[t, i]
+    return out
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def attention(
+    q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos0: int, n_heads: int
+) -> np.ndarray:
+    """Causal GQA attention for queries ``q [T, n_heads*hd]`` at positions pos0..pos0+T-1.
+
+    ``k_cache``/``v_cache`` are one layer's ``[n_kv, n_ctx, hd]`` with the new keys already stored.
+    Query head h reads kv head h // (n_heads / n_kv). Parallel over (token, head) pairs.
+    """
+    T = q.shape[0]
+    n_kv, _, hd = k_cache.shape
+    group = n_heads // n_kv
+    scale = np.float32(1.0 / math.sqrt(hd))
+    out = np.zeros((T, n_heads * hd), dtype=np.float32)
+    for job in prange(T * n_heads):
+        t = job // n_heads
+        h = job % n_heads
+        kvh = h // group
+        n_keys = pos0 + t + 1
+        scores = np.empty(n_keys, dtype=np.float32)
+        qv = q[t, h * hd : (h + 1) * hd]
+        best = np.float32(-np.inf)
+        for j in range(n_keys):
+            s = np.float32(0.0)
+            for i in range(hd):
+                s += qv[i] * k_cache[kvh, j, i]
+            s *= scale
+            scores[j] = s
+            best = max(best, s)
+        total = np.float32(0.0)
+        for j in range(n_keys):
+            e = np.exp(scores[j] - best)
+            scores[j] = e
+            total += e
+        inv = np.float32(1.0) / total
+        o = out[t, h * hd : (h + 1) * hd]
+        for j in range(n_keys):
+            w = scores[j] * inv
+            for i in range(hd):
+                o[i] += w * v_cache[kvh, j, i]
+    return out
+
+
+@njit(cache=True)
+def store_kv(cache: np.ndarray, x: np.ndarray, pos0: int) -> None:
+    """Write ``x [T, n_kv*hd]`` into one layer's cache ``[n_kv, n_ctx, hd]`` at positions pos0.."""
+    T = x.shape[0]
+    n_kv, _, hd = cache.shape
+    for t in range(T):
+        for h in range(n_kv):
+            for i in range(hd):
+                cache[h, pos0 + t, i] = x[t, h * hd + i]

@@ -1,0 +1,79 @@
+"""The Qwen2 / Qwen2-MoE forward pass (field notes section 4), one decoder block after another.
+
+    x = embed(ids)
+    for each block:
+        h = rms_norm(x);  q, k, v = Wq h + bq, Wk h + bk, Wv h + bv;  rope(q, k)
+        x = x + Wo attention(q, K_cache, V_cache)
+        x = x + ffn(rms_norm(x))            # SwiGLU MLP, or the MoE block
+    logits = W_out rms_norm(x)              # W_out = token_embd when the embeddings are tied
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from qwenlite.gguf.reader import GGUFFile
+from qwenlite.kernels.ops import attention, rms_norm, rope_neox, rope_tables, store_kv
+from qwenlite.model.config import ModelConfig
+from qwenlite.model.ffn import DenseFFN, MoEFFN
+from qwenlite.model.weights import Linear, vector
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer, ``[n_layer, n_kv, n_ctx, head_dim]`` float32."""
+
+    k: np.ndarray
+    v: np.ndarray
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, n_ctx: int) -> KVCache:
+        shape = (cfg.n_layer, cfg.n_head_kv, n_ctx, cfg.head_dim)
+        return cls(np.zeros(shape, np.float32), np.zeros(shape, np.float32))
+
+
+class Block:
+    """One decoder block: attention with q/k/v bias, then the FFN."""
+
+    def __init__(self, f: GGUFFile, i: int, cfg: ModelConfig) -> None:
+        p, d, kv = f"blk.{i}", cfg.n_embd, cfg.n_head_kv * cfg.head_dim
+        self.attn_norm = vector(f, f"{p}.attn_norm.weight", d)
+        self.wq = Linear.load(f, f"{p}.attn_q", d, d, bias=True)
+        self.wk = Linear.load(f, f"{p}.attn_k", d, kv, bias=True)
+        self.wv = Linear.load(f, f"{p}.attn_v", d, kv, bias=True)
+        self.wo = Linear.load(f, f"{p}.attn_output", d, d)
+        self.ffn_norm = vector(f, f"{p}.ffn_norm.weight", d)
+        sparse = cfg.n_expert > 0 and f"{p}.ffn_gate_inp.weight" in f.tensors
+        self.ffn = MoEFFN(f, p, cfg) if sparse else DenseFFN(f, p, d, cfg.n_ff)
+
+
+class Qwen2:
+    """Weights of a whole model and its forward pass over a KV cache."""
+
+    def __init__(self, f: GGUFFile, cfg: ModelConfig, n_ctx: int) -> None:
+        self.cfg = cfg
+        self.embed = Linear.load(f, "token_embd", cfg.n_embd, cfg.n_vocab)
+        self.blocks = [Block(f, i, cfg) for i in range(cfg.n_layer)]
+        self.out_norm = vector(f, "output_norm.weight", cfg.n_embd)
+        tied = "output.weight" not in f.tensors
+        self.output = self.embed if tied else Linear.load(f, "output", cfg.n_embd, cfg.n_vocab)
+        self.cos, self.sin = rope_tables(n_ctx, cfg.head_dim, cfg.rope_base)
+
+    def forward(self, ids: np.ndarray, cache: KVCache, pos0: int, all_logits: bool = False) -> np.ndarray:
+        """Logits ``[T, n_vocab]`` (or ``[1, n_vocab]`` for the last token) of ``ids`` at positions pos0.."""
+        cfg = self.cfg
+        x = self.embed.rows(ids)
+        for i, b in enumerate(self.blocks):
+            h = rms_norm(x, b.attn_norm, cfg.norm_eps)
+            q, k, v = b.wq(h), b.wk(h), b.wv(h)
+            rope_neox(q, cfg.n_head, pos0, self.cos, self.sin)
+            rope_neox(k, cfg.n_head_kv, pos0, self.cos, self.sin)
+            store_kv(cache.k[i], k, pos0)
+            store_kv(cache.v[i], v, pos0)
+            x += b.wo(attention(q, cache.k[i], cache.v[i], pos0, cfg.n_head))
+            x += b.ffn(rms_norm(x, b.ffn_norm, cfg.norm_eps))
+        if not all_logits:
+            x = x[-1:]
+        return self.output(rms_norm(np.ascontiguousarray(x), self.out_norm, cfg.norm_eps))

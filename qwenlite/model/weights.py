@@ -1,0 +1,54 @@
+"""Weights as the kernels see them: raw quantized rows straight from the mapped file, validated once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from qwenlite import quant
+from qwenlite.errors import GGUFError
+from qwenlite.gguf.reader import GGUFFile, TensorInfo
+from qwenlite.kernels.matmul import matmul
+
+
+def _check(f: GGUFFile, t: TensorInfo, shape: tuple[int, ...]) -> None:
+    if t.shape != shape:
+        raise GGUFError(f"{f.path}: tensor {t.name!r} has shape {t.shape}, expected {shape}")
+    if t.qtype not in quant.FORMATS:
+        raise GGUFError(f"{f.path}: tensor {t.name!r} has type {t.qtype.name}, which qwenlite cannot run")
+
+
+def vector(f: GGUFFile, name: str, n: int) -> np.ndarray:
+    """A 1-D float tensor (norm weight, bias) as float32."""
+    t = f.tensor(name)
+    _check(f, t, (n,))
+    return quant.dequantize(t.rows().reshape(1, -1), t.qtype, n)[0]
+
+
+@dataclass(frozen=True)
+class Linear:
+    """y = x @ W^T (+ b) over a weight kept in its quantized form. ``w`` is ``uint8 [..., n_out, row_bytes]``."""
+
+    w: np.ndarray
+    qtype: int
+    n_in: int
+    n_out: int
+    bias: np.ndarray | None = None
+
+    @classmethod
+    def load(cls, f: GGUFFile, name: str, n_in: int, n_out: int, *lead: int, bias: bool = False) -> Linear:
+        t = f.tensor(f"{name}.weight")
+        _check(f, t, (*lead, n_out, n_in))
+        b = vector(f, f"{name}.bias", n_out) if bias else None
+        return cls(t.rows(), int(t.qtype), n_in, n_out, b)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        y = matmul(self.w, self.qtype, x)
+        if self.bias is not None:
+            y += self.bias
+        return y
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """Dequantized rows ``ids`` of the weight: an embedding lookup."""
+        return quant.dequantize(self.w[ids], self.qtype, self.n_in)
