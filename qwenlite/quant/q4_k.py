@@ -1,0 +1,342 @@
+"""Q4_K (ggml type 12): 256-value super-blocks of 4-bit quants with 6-bit sub-block scales and mins.
+
+Block layout (144 bytes): f16 ``d``, f16 ``dmin``, 12 bytes of packed 6-bit scales/mins for the eight
+32-value sub-blocks, 128 bytes of nibbles. Value ``x = d*sc_j*q - dmin*m_j``. Each 64-value chunk c
+keeps sub-block 2c in the low nibbles and sub-block 2c+1 in the high nibbles of the same 32 bytes.
+
+This module also holds the pieces Q5_K shares with it (the 6-bit scale packing, ``make_qkx2_quants``
+and the super-block scale search), because both formats are quantized by the same ggml procedure
+and differ only in the number of bits per value.
+
+Everything that decides bytes runs in strict float32 in ggml's loop order with no fastmath: the
+reference quantizer is a search over candidate scales, and one ulp of difference can pick another
+candidate and change the file.
+"""
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
+
+from qwenlite.errors import QwenliteError
+from qwenlite.gguf.constants import GGMLType
+
+TYPE = GGMLType.Q4_K
+BLOCK_SIZE = 256
+TYPE_SIZE = 144
+ACT = "q8_k"
+
+_F0 = np.float32(0.0)
+_F1 = np.float32(1.0)
+_F63 = np.float32(63.0)
+_MAGIC = np.float32(12582912.0)  # 1.5 * 2**23: adding it leaves round-half-even(x) in the low mantissa bits
+
+
+@intrinsic
+def _f32_bits(typingctx, x):
+    """Reinterpret a float32 as its int32 bit pattern (a register bitcast, no memory round trip)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(types.float32), codegen
+
+
+@intrinsic
+def _bits_f32(typingctx, x):
+    """Reinterpret an int32 bit pattern as a float32."""
+    if x != types.int32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+@njit(cache=True, inline="always")
+def nearest_int(fval):
+    """ggml's ``nearest_int``: round half to even through the 1.5*2**23 addition trick.
+
+    Reproduced bit for bit (not with ``rint``) so that out-of-range inputs (inf, NaN, |x| >= 2**22,
+    which only the adversarial rows reach) give the same garbage-but-deterministic integers as ggml.
+    """
+    val = np.float32(fval) + _MAGIC
+    return np.int64((_f32_bits(val) & 0x007FFFFF) - 0x00400000)
+
+
+@njit(cache=True, inline="always")
+def f16_bits_to_f32(h):
+    """IEEE half bits -> float32 (exact)."""
+    h = np.int32(h)
+    sign = (h & 0x8000) << 16
+    exp = (h >> 10) & 0x1F
+    mant = h & 0x3FF
+    if exp == 0:
+        # zero or subnormal: mant * 2**-24 is exact in float32
+        v = np.float32(mant) * np.float32(5.9604644775390625e-08)
+        return _bits_f32(np.int32(_f32_bits(v) | sign))
+    if exp == 31:
+        return _bits_f32(np.int32(sign | 0x7F800000 | (mant << 13)))
+    return _bits_f32(np.int32(sign | ((exp + 112) << 23) | (mant << 13)))
+
+
+@njit(cache=True, inline="always")
+def f32_to_f16_bits(f):
+    """float32 -> IEEE half bits, round to nearest even (what F16C and ggml's software path do)."""
+    bits = np.int64(_f32_bits(np.float32(f))) & 0xFFFFFFFF
+    sign = (bits >> 16) & 0x8000
+    a = bits & 0x7FFFFFFF
+    if a > 0x7F800000:
+        return np.uint16(sign | 0x7E00)
+    if a >= 0x477FF000:  # rounds to >= 65520: overflow to inf
+        return np.uint16(sign | 0x7C00)
+    if a < 0x38800000:  # below 2**-14: half subnormal (or zero); scaling by 2**24 is exact
+        v = _bits_f32(np.int32(a)) * np.float32(16777216.0)
+        return np.uint16(sign | nearest_int(v))
+    h = (a - 0x38000000) >> 13
+    rem = a & 0x1FFF
+    if rem > 0x1000 or (rem == 0x1000 and (h & 1) == 1):
+        h += 1
+    return np.uint16(sign | h)
+
+
+@njit(cache=True, inline="always")
+def get_scale_min(sb, o, j):
+    """Unpack the 6-bit scale and min of sub-block ``j`` from the 12 scale bytes at ``sb[o:]``.
+
+    Sub-blocks 0-3 keep their low 6 bits in bytes j and j+4; sub-blocks 4-7 keep their low 4 bits
+    in the nibbles of byte j+4 and their top 2 bits in the top bits of bytes j-4 and j.
+    """
+    if j < 4:
+        return np.int32(sb[o + j] & 63), np.int32(sb[o + j + 4] & 63)
+    sc = (sb[o + j + 4] & 0xF) | ((sb[o + j - 4] >> 6) << 4)
+    m = (sb[o + j + 4] >> 4) | ((sb[o + j] >> 6) << 4)
+    return np.int32(sc), np.int32(m)
+
+
+@njit(cache=True)
+def make_qkx2_quants(nmax, x, weights, L, Laux, rmin, rdelta, nstep):
+    """Weighted (scale, min) fit of ``x`` to levels 0..nmax, as ggml's ``make_qkx2_quants`` (no MAD).
+
+    Fills ``L`` with the chosen levels and returns ``(scale, -min)``. It tries ``nstep+1`` scales
+    around ``nmax/(max-min)`` and keeps the least-squares (scale, min) of the best one.
+    """
+    n = x.shape[0]
+    mn = x[0]
+    mx = x[0]
+    sum_w = weights[0]
+    sum_x = sum_w * x[0]
+    for i in range(1, n):
+        if x[i] < mn:
+            mn = x[i]
+        if x[i] > mx:
+            mx = x[i]
+        w = weights[i]
+        sum_w += w
+        sum_x += w * x[i]
+    if mn > _F0:
+        mn = _F0
+    if mx == mn:
+        for i in range(n):
+            L[i] = 0
+        return _F0, -mn
+    fnmax = np.float32(nmax)
+    iscale = fnmax / (mx - mn)
+    scale = _F1 / iscale
+    best_error = _F0
+    for i in range(n):
+        l = nearest_int(iscale * (x[i] - mn))
+        L[i] = max(0, min(nmax, l))
+        diff = scale * np.float32(L[i]) + mn - x[i]
+        best_error += weights[i] * (diff * diff)
+    for step in range(nstep + 1):
+        iscale = (rmin + rdelta * np.float32(step) + fnmax) / (mx - mn)
+        sum_l = _F0
+        sum_l2 = _F0
+        sum_xl = _F0
+        for i in range(n):
+            l = nearest_int(iscale * (x[i] - mn))
+            l = max(0, min(nmax, l))
+            Laux[i] = l
+            w = weights[i]
+            fl = np.float32(l)
+            sum_l += w * fl
+            sum_l2 += w * fl * fl
+            sum_xl += w * fl * x[i]
+        D = sum_w * sum_l2 - sum_l * sum_l
+        if D > _F0:
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            if this_min > _F0:
+                this_min = _F0
+                this_scale = sum_xl / sum_l2
+            cur_error = _F0
+            for i in range(n):
+                diff = this_scale * np.float32(Laux[i]) + this_min - x[i]
+                cur_error += weights[i] * (diff * diff)
+            if cur_error < best_error:
+                for i in range(n):
+                    L[i] = Laux[i]
+                best_error = cur_error
+                scale = this_scale
+                mn = this_min
+    return scale, -mn
+
+
+@njit(cache=True)
+def quantize_superblock_kx(x, nmax, rmin, nstep, L, dst, o):
+    """The Q4_K/Q5_K super-block procedure shared by ``quantize_row_q{4,5}_K_ref``.
+
+    Fits every 32-value sub-block with ``make_qkx2_quants`` (weights av_x + |x|), quantizes the
+    eight scales and mins to 6 bits relative to their maxima, writes f16 d, f16 dmin and the 12
+    packed scale bytes at ``dst[o:o+16]`` and leaves the final levels (0..nmax) in ``L``.
+    """
+    scales = np.empty(8, np.float32)
+    mins = np.empty(8, np.float32)
+    weights = np.empty(32, np.float32)
+    Laux = np.empty(32, np.uint8)
+    max_scale = _F0
+    max_min = _F0
+    for j in range(8):
+        xs = x[32 * j : 32 * j + 32]
+        sum_x2 = _F0
+        for l in range(32):
+            sum_x2 += xs[l] * xs[l]
+        av_x = np.sqrt(sum_x2 / np.float32(32.0))
+        for l in range(32):
+            weights[l] = av_x + abs(xs[l])
+        sc, mn = make_qkx2_quants(
+            nmax, xs, weights, L[32 * j : 32 * j + 32], Laux, rmin, np.float32(0.1), nstep
+        )
+        scales[j] = sc
+        mins[j] = mn
+        if sc > max_scale:
+            max_scale = sc
+        if mn > max_min:
+            max_min = mn
+    inv_scale = _F63 / max_scale if max_scale > _F0 else _F0
+    inv_min = _F63 / max_min if max_min > _F0 else _F0
+    sb = o + 4
+    for j in range(8):
+        ls = min(63, nearest_int(inv_scale * scales[j]) & 0xFF)
+        lm = min(63, nearest_int(inv_min * mins[j]) & 0xFF)
+        if j < 4:
+            dst[sb + j] = ls
+            dst[sb + j + 4] = lm
+        else:
+            dst[sb + j + 4] = (ls & 0xF) | ((lm & 0xF) << 4)
+            dst[sb + j - 4] |= (ls >> 4) << 6
+            dst[sb + j] |= (lm >> 4) << 6
+    dh = f32_to_f16_bits(max_scale / _F63)
+    mh = f32_to_f16_bits(max_min / _F63)
+    dst[o] = dh & 0xFF
+    dst[o + 1] = dh >> 8
+    dst[o + 2] = mh & 0xFF
+    dst[o + 3] = mh >> 8
+    fd = f16_bits_to_f32(dh)
+    fdmin = f16_bits_to_f32(mh)
+    for j in range(8):
+        sc, m = get_scale_min(dst, sb, j)
+        d = fd * np.float32(sc)
+        if d == _F0:
+            continue  # levels from make_qkx2_quants stay, as in ggml
+        dm = fdmin * np.float32(m)
+        for ii in range(32):
+            l = nearest_int((x[32 * j + ii] + dm) / d)
+            L[32 * j + ii] = max(0, min(nmax, l))
+
+
+@njit(cache=True)
+def check_row(n, nbytes, type_size):
+    """Raise QwenliteError unless ``n`` values are whole super-blocks and ``nbytes`` holds them.
+
+    Kernels index raw bytes without bounds checks, so a short buffer must be refused up front.
+    """
+    if n % 256 != 0:
+        raise QwenliteError("k-quant row length must be a multiple of 256")
+    if nbytes < (n // 256) * type_size:
+        raise QwenliteError("k-quant buffer is shorter than the row it should hold")
+
+
+@njit(cache=True)
+def check_q8k(n, ad, asum):
+    """Raise QwenliteError unless the Q8_K scale and 16-sum arrays cover ``n`` activations."""
+    if ad.shape[0] < n // 256 or asum.shape[0] < n // 16:
+        raise QwenliteError("Q8_K activation row is missing scales or block sums")
+
+
+@njit(cache=True)
+def dequantize_row(src, dst):
+    """Q4_K bytes -> float32, bitwise equal to ``gguf.quants.dequantize`` and ggml."""
+    n = dst.shape[0]
+    check_row(n, src.shape[0], TYPE_SIZE)
+    for i in range(n // 256):
+        o = i * TYPE_SIZE
+        d = f16_bits_to_f32(np.int32(src[o]) | (np.int32(src[o + 1]) << 8))
+        dmin = f16_bits_to_f32(np.int32(src[o + 2]) | (np.int32(src[o + 3]) << 8))
+        for c in range(4):
+            sc1, m1 = get_scale_min(src, o + 4, 2 * c)
+            sc2, m2 = get_scale_min(src, o + 4, 2 * c + 1)
+            d1 = d * np.float32(sc1)
+            dm1 = dmin * np.float32(m1)
+            d2 = d * np.float32(sc2)
+            dm2 = dmin * np.float32(m2)
+            q = o + 16 + 32 * c
+            y = i * 256 + 64 * c
+            for l in range(32):
+                dst[y + l] = d1 * np.float32(src[q + l] & 0xF) - dm1
+            for l in range(32):
+                dst[y + 32 + l] = d2 * np.float32(src[q + l] >> 4) - dm2
+
+
+@njit(cache=True)
+def quantize_row(src, dst):
+    """float32 -> Q4_K bytes, byte-identical to ggml's ``quantize_row_q4_K_ref``."""
+    n = src.shape[0]
+    check_row(n, dst.shape[0], TYPE_SIZE)
+    L = np.empty(256, np.uint8)
+    for i in range(n // 256):
+        o = i * TYPE_SIZE
+        quantize_superblock_kx(src[i * 256 : i * 256 + 256], 15, np.float32(-1.0), 20, L, dst, o)
+        for c in range(4):
+            for l in range(32):
+                dst[o + 16 + 32 * c + l] = L[64 * c + l] | (L[64 * c + 32 + l] << 4)
+
+
+@njit(cache=True)
+def dot_row(w, aq, ad, asum):
+    """One Q4_K row . one Q8_K activation row, integer sums per super-block like ggml.
+
+    Per super-block: d_w*d_a*sum_j sc_j*(q_w . q_a)_j - dmin_w*d_a*sum_j m_j*bsum_j, where the
+    nibble products accumulate in int32 over 32 bytes (a loop LLVM turns into SIMD) and the mins
+    term reuses the activation's 16-value sums instead of touching the values again.
+    """
+    n = aq.shape[0]
+    check_row(n, w.shape[0], TYPE_SIZE)
+    check_q8k(n, ad, asum)
+    total = 0.0
+    for i in range(n // 256):
+        o = i * TYPE_SIZE
+        d = f16_bits_to_f32(np.int32(w[o]) | (np.int32(w[o + 1]) << 8)) * ad[i]
+        dmin = f16_bits_to_f32(np.int32(w[o + 2]) | (np.int32(w[o + 3]) << 8)) * ad[i]
+        sumi = np.int32(0)
+        summ = np.int32(0)
+        for c in range(4):
+            q = o + 16 + 32 * c
+            a = i * 256 + 64 * c
+            s1 = np.int32(0)
+            s2 = np.int32(0)
+            for l in range(32):
+                b = np.int32(w[q + l])
+                s1 = np.int32(s1 + (b & 15) * np.int32(aq[a + l]))
+                s2 = np.int32(s2 + (b >> 4) * np.int32(aq[a + 32 + l]))
+            sc1, m1 = get_scale_min(w, o + 4, 2 * c)
+            sc2, m2 = get_scale_min(w, o + 4, 2 * c + 1)
+            s = i * 16 + 4 * c
+            sumi = np.int32(sumi + sc1 * s1 + sc2 * s2)
+            summ = np.int32(summ + m1 * (asum[s] + asum[s + 1]) + m2 * (asum[s + 2] + asum[s + 3]))
+        total += np.float64(d) * np.float64(sumi) - np.float64(dmin) * np.float64(summ)
+    return np.float32(total)
