@@ -14,12 +14,11 @@ candidate and change the file.
 """
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, types
-from numba.extending import intrinsic
+from numba import njit
 
 from qwenlite.errors import QwenliteError
 from qwenlite.gguf.constants import GGMLType
+from qwenlite.quant.halfprec import f16_bits_to_f32, f32_as_u32, f32_to_f16_bits
 
 TYPE = GGMLType.Q4_K
 BLOCK_SIZE = 256
@@ -32,31 +31,7 @@ _F63 = np.float32(63.0)
 _MAGIC = np.float32(12582912.0)  # 1.5 * 2**23: adding it leaves round-half-even(x) in the low mantissa bits
 
 
-@intrinsic
-def _f32_bits(typingctx, x):
-    """Reinterpret a float32 as its int32 bit pattern (a register bitcast, no memory round trip)."""
-    if x != types.float32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return types.int32(types.float32), codegen
-
-
-@intrinsic
-def _bits_f32(typingctx, x):
-    """Reinterpret an int32 bit pattern as a float32."""
-    if x != types.int32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return types.float32(types.int32), codegen
-
-
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", error_model="numpy")
 def nearest_int(fval):
     """ggml's ``nearest_int``: round half to even through the 1.5*2**23 addition trick.
 
@@ -64,46 +39,10 @@ def nearest_int(fval):
     which only the adversarial rows reach) give the same garbage-but-deterministic integers as ggml.
     """
     val = np.float32(fval) + _MAGIC
-    return np.int64((_f32_bits(val) & 0x007FFFFF) - 0x00400000)
+    return np.int64(f32_as_u32(val) & 0x007FFFFF) - 0x00400000
 
 
-@njit(cache=True, inline="always")
-def f16_bits_to_f32(h):
-    """IEEE half bits -> float32 (exact)."""
-    h = np.int32(h)
-    sign = (h & 0x8000) << 16
-    exp = (h >> 10) & 0x1F
-    mant = h & 0x3FF
-    if exp == 0:
-        # zero or subnormal: mant * 2**-24 is exact in float32
-        v = np.float32(mant) * np.float32(5.9604644775390625e-08)
-        return _bits_f32(np.int32(_f32_bits(v) | sign))
-    if exp == 31:
-        return _bits_f32(np.int32(sign | 0x7F800000 | (mant << 13)))
-    return _bits_f32(np.int32(sign | ((exp + 112) << 23) | (mant << 13)))
-
-
-@njit(cache=True, inline="always")
-def f32_to_f16_bits(f):
-    """float32 -> IEEE half bits, round to nearest even (what F16C and ggml's software path do)."""
-    bits = np.int64(_f32_bits(np.float32(f))) & 0xFFFFFFFF
-    sign = (bits >> 16) & 0x8000
-    a = bits & 0x7FFFFFFF
-    if a > 0x7F800000:
-        return np.uint16(sign | 0x7E00)
-    if a >= 0x477FF000:  # rounds to >= 65520: overflow to inf
-        return np.uint16(sign | 0x7C00)
-    if a < 0x38800000:  # below 2**-14: half subnormal (or zero); scaling by 2**24 is exact
-        v = _bits_f32(np.int32(a)) * np.float32(16777216.0)
-        return np.uint16(sign | nearest_int(v))
-    h = (a - 0x38000000) >> 13
-    rem = a & 0x1FFF
-    if rem > 0x1000 or (rem == 0x1000 and (h & 1) == 1):
-        h += 1
-    return np.uint16(sign | h)
-
-
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", error_model="numpy")
 def get_scale_min(sb, o, j):
     """Unpack the 6-bit scale and min of sub-block ``j`` from the 12 scale bytes at ``sb[o:]``.
 
@@ -117,7 +56,7 @@ def get_scale_min(sb, o, j):
     return np.int32(sc), np.int32(m)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def make_qkx2_quants(nmax, x, weights, L, Laux, rmin, rdelta, nstep):
     """Weighted (scale, min) fit of ``x`` to levels 0..nmax, as ggml's ``make_qkx2_quants`` (no MAD).
 
@@ -186,7 +125,7 @@ def make_qkx2_quants(nmax, x, weights, L, Laux, rmin, rdelta, nstep):
     return scale, -mn
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def quantize_superblock_kx(x, nmax, rmin, nstep, L, dst, o):
     """The Q4_K/Q5_K super-block procedure shared by ``quantize_row_q{4,5}_K_ref``.
 
@@ -208,9 +147,7 @@ def quantize_superblock_kx(x, nmax, rmin, nstep, L, dst, o):
         av_x = np.sqrt(sum_x2 / np.float32(32.0))
         for l in range(32):
             weights[l] = av_x + abs(xs[l])
-        sc, mn = make_qkx2_quants(
-            nmax, xs, weights, L[32 * j : 32 * j + 32], Laux, rmin, np.float32(0.1), nstep
-        )
+        sc, mn = make_qkx2_quants(nmax, xs, weights, L[32 * j : 32 * j + 32], Laux, rmin, np.float32(0.1), nstep)
         scales[j] = sc
         mins[j] = mn
         if sc > max_scale:
@@ -249,7 +186,7 @@ def quantize_superblock_kx(x, nmax, rmin, nstep, L, dst, o):
             L[32 * j + ii] = max(0, min(nmax, l))
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def check_row(n, nbytes, type_size):
     """Raise QwenliteError unless ``n`` values are whole super-blocks and ``nbytes`` holds them.
 
@@ -261,14 +198,14 @@ def check_row(n, nbytes, type_size):
         raise QwenliteError("k-quant buffer is shorter than the row it should hold")
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def check_q8k(n, ad, asum):
     """Raise QwenliteError unless the Q8_K scale and 16-sum arrays cover ``n`` activations."""
     if ad.shape[0] < n // 256 or asum.shape[0] < n // 16:
         raise QwenliteError("Q8_K activation row is missing scales or block sums")
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def dequantize_row(src, dst):
     """Q4_K bytes -> float32, bitwise equal to ``gguf.quants.dequantize`` and ggml."""
     n = dst.shape[0]
@@ -292,7 +229,7 @@ def dequantize_row(src, dst):
                 dst[y + 32 + l] = d2 * np.float32(src[q + l] >> 4) - dm2
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def quantize_row(src, dst):
     """float32 -> Q4_K bytes, byte-identical to ggml's ``quantize_row_q4_K_ref``."""
     n = src.shape[0]
@@ -306,7 +243,7 @@ def quantize_row(src, dst):
                 dst[o + 16 + 32 * c + l] = L[64 * c + l] | (L[64 * c + 32 + l] << 4)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def dot_row(w, aq, ad, asum):
     """One Q4_K row . one Q8_K activation row, integer sums per super-block like ggml.
 

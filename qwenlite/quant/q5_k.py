@@ -10,13 +10,8 @@ import numpy as np
 from numba import njit
 
 from qwenlite.gguf.constants import GGMLType
-from qwenlite.quant.q4_k import (
-    check_q8k,
-    check_row,
-    f16_bits_to_f32,
-    get_scale_min,
-    quantize_superblock_kx,
-)
+from qwenlite.quant.halfprec import f16_bits_to_f32
+from qwenlite.quant.q4_k import check_q8k, check_row, get_scale_min, quantize_superblock_kx
 
 TYPE = GGMLType.Q5_K
 BLOCK_SIZE = 256
@@ -24,7 +19,7 @@ TYPE_SIZE = 176
 ACT = "q8_k"
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def dequantize_row(src, dst):
     """Q5_K bytes -> float32, bitwise equal to ``gguf.quants.dequantize`` and ggml."""
     n = dst.shape[0]
@@ -51,7 +46,7 @@ def dequantize_row(src, dst):
                 dst[y + 32 + l] = d2 * np.float32(v) - dm2
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def quantize_row(src, dst):
     """float32 -> Q5_K bytes, byte-identical to ggml's ``quantize_row_q5_K_ref``."""
     n = src.shape[0]
@@ -70,7 +65,7 @@ def quantize_row(src, dst):
                 dst[o + 48 + 32 * c + l] = (lo & 0xF) | ((hi & 0xF) << 4)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def dot_row(w, aq, ad, asum):
     """One Q5_K row . one Q8_K activation row, integer sums per super-block like ggml.
 

@@ -14,7 +14,8 @@ import numpy as np
 from numba import njit
 
 from qwenlite.gguf.constants import GGMLType
-from qwenlite.quant.q4_k import check_q8k, check_row, f16_bits_to_f32, f32_to_f16_bits, nearest_int
+from qwenlite.quant.halfprec import f16_bits_to_f32, f32_to_f16_bits
+from qwenlite.quant.q4_k import check_q8k, check_row, nearest_int
 
 TYPE = GGMLType.Q6_K
 BLOCK_SIZE = 256
@@ -25,7 +26,7 @@ _F0 = np.float32(0.0)
 _GROUP_MAX_EPS = np.float32(1e-15)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def make_qx_quants(nmax, x, L):
     """Symmetric fit of ``x`` to levels -nmax..nmax-1 weighted by x^2, as ggml's ``make_qx_quants``
     with ``rmse_type=1`` and no importance weights.
@@ -81,7 +82,7 @@ def make_qx_quants(nmax, x, L):
     return scale
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def dequantize_row(src, dst):
     """Q6_K bytes -> float32, bitwise equal to ``gguf.quants.dequantize`` and ggml."""
     n = dst.shape[0]
@@ -104,7 +105,7 @@ def dequantize_row(src, dst):
                         dst[y + 32 * g + l] = ds * np.float32(v - 32)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def quantize_row(src, dst):
     """float32 -> Q6_K bytes, byte-identical to ggml's ``quantize_row_q6_K_ref``."""
     n = src.shape[0]
@@ -154,7 +155,7 @@ def quantize_row(src, dst):
                 dst[qh + l] = (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def dot_row(w, aq, ad, asum):
     """One Q6_K row . one Q8_K activation row, integer sums per super-block like ggml.
 
