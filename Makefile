@@ -1,0 +1,64 @@
+# qwenlite developer targets. The llama.cpp peer (oracle + benchmark baseline) lives in the
+# gitignored .peer/ folder, in its own virtual environment, so it never touches the main install.
+
+PYTHON   ?= python3
+PEER     := .peer
+PEER_PY  := $(PEER)/venv/bin/python
+# Pinned llama-cpp-python sdist (it vendors llama.cpp); override SDIST to build from elsewhere.
+SDIST    ?= /work/dl/sdist/llama_cpp_python-0.3.36.tar.gz
+JOBS     ?= 2
+# Native CPU code; only the libraries the bindings need (no tools, server, tests, mtmd).
+PEER_CMAKE_ARGS := -DGGML_NATIVE=ON -DCMAKE_BUILD_TYPE=Release -DLLAVA_BUILD=OFF \
+	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF
+BENCH_ARGS   ?=
+CONVERT_ARGS ?=
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
+
+.PHONY: install test test-peer lint peer peer-build peer-src bench bench-convert clean
+
+# Editable install of qwenlite with the test extras.
+install:
+	$(PYTHON) -m pip install -e '.[test]'
+
+# The whole test suite (peer tests skip when .peer/ is absent).
+test:
+	$(PYTHON) -m pytest -q
+
+# Only the tests that use the llama.cpp oracles.
+test-peer: peer
+	$(PYTHON) -m pytest -q -m peer
+
+# Lint every Python tree.
+lint:
+	ruff check qwenlite converters tests benchmarks
+
+# llama-cpp-python 0.3.36 in .peer/venv (~20-60 min on 2 cores; log in .peer/build.log); a no-op
+# when it already imports. A lock file keeps concurrent `make` runs from building it twice.
+peer: peer-src
+	@mkdir -p $(PEER) && flock $(PEER)/build.lock $(MAKE) --no-print-directory peer-build
+
+peer-build:
+	@if $(PEER_PY) -c "import llama_cpp" 2>/dev/null; then echo "peer ready: $(PEER_PY)"; else \
+	set -e; $(PYTHON) -m venv $(PEER)/venv; $(PEER_PY) -m pip install -q numpy; \
+	echo "building llama-cpp-python (tail -f $(PEER)/build.log)"; \
+	CMAKE_ARGS="$(PEER_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$(JOBS) nice -n 10 $(PEER_PY) -m pip install \
+		-v --config-settings=build-dir=$(CURDIR)/$(PEER)/build $(SDIST) > $(PEER)/build.log 2>&1; \
+	$(PEER_PY) -c "import llama_cpp; print('peer ready:', llama_cpp.__version__)"; fi
+
+# llama.cpp's sources from the sdist: convert_hf_to_gguf.py, gguf-py, tokenizer test vectors.
+peer-src:
+	@test -d $(PEER)/llama.cpp-src || { mkdir -p $(PEER)/unpack && tar xzf $(SDIST) -C $(PEER)/unpack \
+		&& mv $(PEER)/unpack/llama_cpp_python-*/vendor/llama.cpp $(PEER)/llama.cpp-src && rm -rf $(PEER)/unpack; }
+
+# qwenlite vs llama.cpp throughput, TTFT, RSS, bandwidth -> BENCHMARKS.md (extra GGUFs: BENCH_ARGS=...).
+bench: peer
+	$(PYTHON) -m benchmarks.bench_side_by_side $(BENCH_ARGS)
+
+# Converter speed, qwenlite vs llama.cpp, HF -> Q4_K_M -> BENCHMARKS.md.
+bench-convert: peer
+	$(PYTHON) -m benchmarks.bench_convert $(CONVERT_ARGS)
+
+# Caches and build outputs (keeps .peer/: rebuilding it is slow; `rm -rf .peer` for that).
+clean:
+	find . -path ./$(PEER) -prune -o -name __pycache__ -type d -exec rm -rf {} +
+	rm -rf .pytest_cache .ruff_cache build dist *.egg-info
