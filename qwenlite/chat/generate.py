@@ -21,6 +21,7 @@ import numpy as np
 from qwenlite.chat.sampler import Sampler
 from qwenlite.chat.template import IM_END, IM_START
 from qwenlite.errors import QwenliteError
+from qwenlite.tokenizer import StreamDecoder
 
 MARKER_STRINGS = (IM_START, IM_END, "<|endoftext|>")
 
@@ -96,7 +97,7 @@ class Generation:
 
     def _run(self) -> Iterator[str]:
         engine, stops = self.engine, self.stop_strings
-        decoder = self.tokenizer.StreamDecoder()
+        decoder = StreamDecoder(self.tokenizer)
         history = list(self.prompt_ids)
         pending = ""
         logits = engine.eval(self.prompt_ids)

@@ -48,9 +48,12 @@ class ChatSession:
         """A session on a loaded ``qwenlite.Model`` using the chat template in its metadata."""
         return cls(model.engine, model.tokenizer, ChatTemplate.from_metadata(model.metadata), **kwargs)
 
+    def _head(self) -> list[dict[str, str]]:
+        return [{"role": "system", "content": self.system}] if self.system is not None else []
+
     def messages(self) -> list[dict[str, str]]:
-        head = [{"role": "system", "content": self.system}] if self.system is not None else []
-        return head + self.history
+        """The whole conversation as the template sees it."""
+        return self._head() + self.history
 
     def reset(self) -> None:
         """Forget the conversation (the system prompt stays)."""
@@ -58,34 +61,36 @@ class ChatSession:
         self.cached = []
         self.engine.reset()
 
-    def _prompt_ids(self, max_tokens: int) -> list[int]:
-        """Render the conversation, dropping the oldest exchanges until prompt + reply fit."""
-        while True:
-            ids = self.template.encode(self.tokenizer, self.messages())
-            if len(ids) + max(1, max_tokens) <= self.engine.n_ctx or not self._drop_oldest():
-                return ids
+    def _fit(self, max_tokens: int) -> tuple[list[dict[str, str]], list[int]]:
+        """The history to keep and its prompt ids, dropping the oldest exchanges until prompt + reply fit.
 
-    def _drop_oldest(self) -> bool:
-        """Remove the oldest user turn and everything up to the next one; False if nothing to drop."""
-        users = [i for i, m in enumerate(self.history) if m["role"] == "user"]
-        if len(users) < 2:
-            return False
-        del self.history[:users[1]]
-        return True
+        Works on a copy, so a message that cannot fit at all leaves the conversation untouched.
+        """
+        history = list(self.history)
+        head = self._head()
+        while True:
+            ids = self.template.encode(self.tokenizer, head + history)
+            if len(ids) + max(1, max_tokens) <= self.engine.n_ctx:
+                return history, ids
+            users = [i for i, m in enumerate(history) if m["role"] == "user"]
+            if len(users) < 2:
+                return history, ids  # only the newest message is left: reply in whatever room remains
+            del history[:users[1]]
 
     def send(self, text: str, max_tokens: int | None = None) -> Iterator[str]:
         """Add a user message and stream the reply; the reply joins the history when it is done."""
         max_tokens = self.max_tokens if max_tokens is None else max_tokens
         self.history.append({"role": "user", "content": text})
         try:
-            ids = self._prompt_ids(max_tokens)
+            history, ids = self._fit(max_tokens)
             if len(ids) >= self.engine.n_ctx:
                 raise QwenliteError(
-                    f"the message does not fit: the conversation needs {len(ids)} tokens of a "
+                    f"the message does not fit: it needs {len(ids)} tokens of a "
                     f"{self.engine.n_ctx}-token context")
         except QwenliteError:
             self.history.pop()
             raise
+        self.history = history
         keep = common_prefix(self.cached, ids)
         keep = min(keep, len(ids) - 1)  # at least one token must be evaluated to get logits
         if keep < self.engine.n_past:
