@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import json
-import os
 import unicodedata
 from pathlib import Path
 from typing import Any
@@ -38,14 +37,6 @@ QWEN25_SPECIALS = [
     ("<|fim_prefix|>", 3), ("<|fim_middle|>", 3), ("<|fim_suffix|>", 3), ("<|fim_pad|>", 3),
     ("<|repo_name|>", 3), ("<|file_sep|>", 3),
 ]
-
-
-@pytest.fixture(scope="session")
-def real_model_path() -> Path:
-    path = Path(os.environ.get("QWENLITE_TEST_MODEL", "/work/dl/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"))
-    if not path.exists():
-        pytest.skip(f"real model not found at {path}")
-    return path
 
 
 def _metadata(path: Path) -> dict[str, Any]:
@@ -330,6 +321,11 @@ def test_out_of_range_ids(tok: Tokenizer, bad: int) -> None:
         StreamDecoder(tok).feed(bad)
 
 
+def test_empty_and_unencodable_text(tok: Tokenizer) -> None:
+    assert tok.encode("") == [] and tok.decode([]) == ""
+    assert tok.decode(tok.encode("a\ud800b")) == "a\ufffdb"
+
+
 def test_non_integer_ids_and_text(tok: Tokenizer) -> None:
     with pytest.raises(QwenliteError, match="integer"):
         tok.decode(["12"])  # type: ignore[list-item]
@@ -413,6 +409,10 @@ def test_hostile_token_texts() -> None:
     foreign[259] = "\u4e00"
     with pytest.raises(QwenliteError, match="not valid byte-level BPE text"):
         Tokenizer.from_metadata(tiny_md(**{"tokenizer.ggml.tokens": foreign}))
+    empty = list(tokens)
+    empty[259] = ""
+    with pytest.raises(QwenliteError, match="token 259 is empty"):
+        Tokenizer.from_metadata(tiny_md(**{"tokenizer.ggml.tokens": empty}))
     twice = list(tokens)
     twice[262] = "<|im_end|>"
     with pytest.raises(QwenliteError, match="appears twice"):

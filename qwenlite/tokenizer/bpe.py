@@ -14,6 +14,9 @@ Behaviour, and where it follows whom:
 * Decoding follows llama.cpp's ``common_detokenize`` default: ``special=True`` renders control
   tokens as their text, ``special=False`` drops them. User-defined tokens are always rendered and
   unused (padding) tokens never are. Invalid UTF-8 becomes U+FFFD.
+* Lone surrogates in input text (not encodable as UTF-8) are encoded as U+FFFD, as tiktoken does.
+* Token ids are used directly as tiktoken ranks; ``vocab.read_vocab`` refuses vocabularies where
+  the merge list says otherwise.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ really works on.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from functools import lru_cache
 from itertools import accumulate
 
@@ -52,19 +53,15 @@ def _decode_table() -> dict[int, int | str]:
 def texts_to_bytes(texts: list[str], token_ids: list[int]) -> list[bytes]:
     """Bytes of many token strings at once (``token_ids`` name them in errors).
 
-    Translating one joined string and slicing the result is about ten times faster than
+    Translating one joined string and slicing the result is several times faster than
     translating 150k short strings one by one, which matters for load time.
     """
+    ends = list(accumulate(map(len, texts)))
     try:
         blob = "".join(texts).translate(_decode_table()).encode("latin-1")
-    except UnicodeEncodeError:
-        for text, token_id in zip(texts, token_ids):
-            try:
-                text.translate(_decode_table()).encode("latin-1")
-            except UnicodeEncodeError:
-                raise QwenliteError(
-                    f"tokenizer vocabulary: token {token_id} ({text!r}) is not valid byte-level BPE text"
-                ) from None
-        raise
-    ends = list(accumulate(map(len, texts)))
+    except UnicodeEncodeError as err:
+        k = bisect_right(ends, err.start)
+        raise QwenliteError(
+            f"tokenizer vocabulary: token {token_ids[k]} ({texts[k]!r}) is not valid byte-level BPE text"
+        ) from None
     return [blob[s:e] for s, e in zip([0, *ends[:-1]], ends)]

@@ -37,7 +37,6 @@ class Vocab:
     model: str
     pre: str
     pattern: str
-    texts: list[str]
     types: np.ndarray
     ranks: dict[bytes, int]
     pieces: list[bytes]
@@ -192,6 +191,8 @@ def read_vocab(md: Mapping[str, Any]) -> Vocab:
 
     normal = np.nonzero(types == TokenType.NORMAL)[0].tolist()
     normal_texts = [texts[i] for i in normal]
+    if "" in normal_texts:
+        raise QwenliteError(f"tokenizer vocabulary: token {normal[normal_texts.index('')]} is empty")
     normal_bytes = texts_to_bytes(normal_texts, normal)
     ranks = dict(zip(normal_bytes, normal))
     if len(ranks) != len(normal):
@@ -222,7 +223,6 @@ def read_vocab(md: Mapping[str, Any]) -> Vocab:
         model=model,
         pre=pre,
         pattern=pattern,
-        texts=texts,
         types=types,
         ranks=ranks,
         pieces=pieces,
