@@ -23,12 +23,15 @@ from qwenlite.chat.sampler import Sampler, SamplerConfig
 from qwenlite.errors import GGUFError, QwenliteError
 
 
-def _load(model_arg: str | None, threads: int | None) -> Any:
+def _load(args: argparse.Namespace) -> Any:
+    if args.threads is not None and args.threads < 1:
+        raise QwenliteError(f"-t/--threads must be >= 1, got {args.threads}")
+    if args.ctx_size is not None and args.ctx_size < 1:
+        raise QwenliteError(f"-c/--ctx-size must be >= 1, got {args.ctx_size}")
+    path = hub.resolve_model(args.model)
     from qwenlite.api import load  # imported lazily: `pull` and `--help` should not compile kernels
 
-    if threads is not None and threads < 1:
-        raise QwenliteError(f"-t/--threads must be >= 1, got {threads}")
-    return load(hub.resolve_model(model_arg), n_threads=threads)
+    return load(path, n_threads=args.threads, n_ctx=args.ctx_size)
 
 
 def _sampler(args: argparse.Namespace) -> Sampler:
@@ -64,7 +67,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Raw completion. The prompt is taken verbatim and special tokens in it are parsed (as llama.cpp's
     ``-p`` does), so a hand-written ChatML prompt works; use ``chat`` for untrusted user text."""
     prompt = _read_prompt(args)
-    model = _load(args.model, args.threads)
+    model = _load(args)
     ids = model.tokenizer.encode(prompt, special=True)
     model.engine.reset()
     t0 = time.perf_counter()
@@ -93,7 +96,7 @@ def _read_line(interactive: bool) -> str | None:
 def cmd_chat(args: argparse.Namespace) -> int:
     from qwenlite.chat.session import ChatSession
 
-    model = _load(args.model, args.threads)
+    model = _load(args)
     session = ChatSession.from_model(model, system=args.system, sampler=_sampler(args),
                                      max_tokens=args.n_predict, stop_strings=args.stop)
     if args.prompt is not None:
@@ -167,6 +170,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             bpw = 8 * nbytes / vals if vals else 0.0
             out.append(f"  {name:<6} {n:5d} tensors {nbytes / 2**20:9.1f} MiB {bpw:6.2f} bits/weight")
         width = max((len(t.name) for t in tensors), default=4)
+        out.append("tensor table:")
         out.append(f"  {'name':<{width}}  {'type':<6}  {'shape':<20}  bytes")
         for t in tensors:
             shape = "x".join(str(d) for d in t.shape)
@@ -193,7 +197,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from qwenlite.bench import bench
 
     path = hub.resolve_model(args.model)
-    model = _load(str(path), args.threads)
+    args.model = str(path)
+    model = _load(args)
 
     def report(kind: str, rep: int, tps: float) -> None:
         if not args.json:
@@ -237,6 +242,8 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", default=None,
                    help="GGUF file or known model name (default: the manifest's default, pulled on first use)")
     p.add_argument("-t", "--threads", type=int, default=None, help="worker threads (default: all cores)")
+    p.add_argument("-c", "--ctx-size", type=int, default=None,
+                   help="context size in tokens (default: the loader's, at most the trained context)")
 
 
 def _add_sampling(p: argparse.ArgumentParser, n_default: int, temp_default: float) -> None:
