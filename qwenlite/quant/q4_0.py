@@ -1,0 +1,85 @@
+"""Q4_0 (ggml type 2): 32-value blocks of 4-bit quants with one f16 scale.
+
+Block layout (18 bytes): f16 ``d``, 16 bytes of nibbles; value ``x = d*(q - 8)``. Value j < 16 is
+the low nibble of byte j, value j + 16 its high nibble.
+
+The quantizer reproduces ``quantize_row_q4_0_ref`` in strict float32: the signed value of largest
+magnitude maps to -8 (``d = max/-8``), then ``q = min(15, (int8)(x/d + 8.5))``.
+"""
+
+import numpy as np
+from numba import njit
+
+from qwenlite.gguf.constants import GGMLType
+from qwenlite.quant.q8_0 import c_float_to_int8, check_blocks, check_q8_0, load_f16, store_f16
+
+TYPE = GGMLType.Q4_0
+BLOCK_SIZE = 32
+TYPE_SIZE = 18
+ACT = "q8_0"
+
+_F0 = np.float32(0.0)
+_F1 = np.float32(1.0)
+_OFFSET = np.float32(8.5)
+_MINUS8 = np.float32(-8.0)
+
+
+@njit(cache=True, error_model="numpy")
+def dequantize_row(src, dst):
+    """Q4_0 bytes -> float32, bitwise equal to ``gguf.quants.dequantize`` (``d * (q-8)``)."""
+    n = dst.shape[0]
+    check_blocks(n, src.shape[0], TYPE_SIZE)
+    for i in range(n // 32):
+        o = i * TYPE_SIZE
+        d = load_f16(src, o)
+        y = i * 32
+        for j in range(16):
+            b = np.int32(src[o + 2 + j])
+            dst[y + j] = d * np.float32((b & 15) - 8)
+            dst[y + 16 + j] = d * np.float32((b >> 4) - 8)
+
+
+@njit(cache=True, error_model="numpy")
+def quantize_row(src, dst):
+    """float32 -> Q4_0 bytes, byte-identical to ggml's ``quantize_row_q4_0_ref``."""
+    n = src.shape[0]
+    check_blocks(n, dst.shape[0], TYPE_SIZE)
+    for i in range(n // 32):
+        x = src[i * 32 : i * 32 + 32]
+        o = i * TYPE_SIZE
+        amax = _F0
+        mx = _F0
+        for j in range(32):
+            if amax < abs(x[j]):
+                amax = abs(x[j])
+                mx = x[j]
+        d = mx / _MINUS8
+        inv = _F1 / d if d != _F0 else _F0
+        store_f16(dst, o, d)
+        for j in range(16):
+            lo = min(np.int32(15), np.int32(c_float_to_int8(x[j] * inv + _OFFSET)))
+            hi = min(np.int32(15), np.int32(c_float_to_int8(x[j + 16] * inv + _OFFSET)))
+            dst[o + 2 + j] = np.uint8((lo & 0xFF) | ((hi << 4) & 0xFF))
+
+
+@njit(cache=True, error_model="numpy")
+def dot_row(w, aq, ad, asum):
+    """One Q4_0 row . one Q8_0 activation row.
+
+    Per block: d_w*d_a*(sum q*a - 8*sum a); the -8 offset comes from the activation block sum so
+    the inner loop is a plain unsigned-nibble by int8 product that LLVM vectorizes.
+    """
+    n = aq.shape[0]
+    check_blocks(n, w.shape[0], TYPE_SIZE)
+    check_q8_0(n, ad, asum)
+    total = 0.0
+    for i in range(n // 32):
+        o = i * TYPE_SIZE + 2
+        a = i * 32
+        s = np.int32(0)
+        for j in range(16):
+            b = np.int32(w[o + j])
+            s = np.int32(s + (b & 15) * np.int32(aq[a + j]) + (b >> 4) * np.int32(aq[a + 16 + j]))
+        s = np.int32(s - 8 * asum[i])
+        total += np.float64(load_f16(w, o - 2) * ad[i]) * np.float64(s)
+    return np.float32(total)
