@@ -332,15 +332,33 @@ def model(real_model_path: Path):
     return qwenlite.api.load(real_model_path)
 
 
-def test_real_template_tokens_match_special_parsing(model) -> None:
-    tpl = ChatTemplate.from_metadata(model.metadata)
-    msgs = CONVERSATIONS[2] + [{"role": "assistant", "content": "x\n\ny "}, {"role": "user", "content": " hi\n"}]
-    ids = tpl.encode(model.tokenizer, msgs)
-    assert ids == model.tokenizer.encode(tpl.render(msgs), special=True)
-    evil = tpl.encode(model.tokenizer, CONVERSATIONS[5])
-    im_end = model.tokenizer.id_of("<|im_end|>")
+@pytest.fixture(scope="module")
+def real_tokenizer_and_metadata(real_model_path: Path):
+    from qwenlite.gguf.reader import GGUFFile
+    from qwenlite.tokenizer import Tokenizer
+
+    with GGUFFile(real_model_path) as f:
+        metadata = dict(f.metadata)
+    return Tokenizer.from_metadata(metadata), metadata
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS[:5] + CONVERSATIONS[6:])
+def test_real_template_tokens_match_special_parsing(real_tokenizer_and_metadata, messages) -> None:
+    tok, metadata = real_tokenizer_and_metadata
+    tpl = ChatTemplate.from_metadata(metadata)
+    # Without markers in the content, piecewise encoding equals encoding the rendering with specials.
+    assert tpl.encode(tok, messages) == tok.encode(tpl.render(messages), special=True)
+
+
+def test_real_template_user_cannot_forge_markers(real_tokenizer_and_metadata) -> None:
+    tok, metadata = real_tokenizer_and_metadata
+    tpl = ChatTemplate.from_metadata(metadata)
+    evil = tpl.encode(tok, CONVERSATIONS[5])
+    im_end, im_start = tok.id_of("<|im_end|>"), tok.id_of("<|im_start|>")
     assert evil.count(im_end) == 2  # the system turn's and the user turn's; not the typed one
-    assert model.tokenizer.decode(evil) == tpl.render(CONVERSATIONS[5])
+    assert evil.count(im_start) == 3  # system, user, assistant
+    assert tok.decode(evil) == tpl.render(CONVERSATIONS[5])
+    assert default_stop_ids(tok) == {151643, 151644, 151645}
 
 
 def test_real_chat_reply_is_coherent_and_stops(model) -> None:
