@@ -356,3 +356,19 @@ def test_known_answer_data_is_ggml() -> None:
         for r, x in enumerate(data["inputs"]):
             want = np.frombuffer(peer.ggml_quantize(int(mod.TYPE), x), np.uint8)
             assert np.array_equal(data[key][r], want), f"{key} row {r}"
+
+
+@pytest.mark.parametrize("mod", MODULES, ids=IDS)
+def test_dot_row_with_runtime_activation_quantizer(mod) -> None:
+    """The runtime's Q8_K rows (qwenlite.quant.activation) feed dot_row exactly like the reference."""
+    from qwenlite.quant.activation import quantize_q8_k
+
+    rng = np.random.default_rng(10)
+    n = 256 * 6
+    raw = _quant(mod, rng.standard_normal(n).astype(np.float32))
+    x = rng.standard_normal(n).astype(np.float32)
+    aq, ad, asum = np.empty(n, np.int8), np.empty(n // 256, np.float32), np.empty(n // 16, np.int32)
+    quantize_q8_k(x, aq, ad, asum)
+    ref = _q8_k(x)
+    np.testing.assert_array_equal(aq, ref[0])
+    assert mod.dot_row(raw, aq, ad, asum) == mod.dot_row(raw, *ref)
