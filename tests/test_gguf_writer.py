@@ -93,9 +93,11 @@ def test_roundtrip_gguf_py(tmp_path: Path) -> None:
         assert f.types[:1] == [V.ARRAY]
         if values:
             assert f.types[1] == etype
-        assert list(f.contents()) == pytest.approx(values) if etype in (V.FLOAT32, V.FLOAT64) else list(
-            f.contents()
-        ) == values
+        assert (
+            list(f.contents()) == pytest.approx(values)
+            if etype in (V.FLOAT32, V.FLOAT64)
+            else list(f.contents()) == values
+        )
     by_name = {t.name: t for t in r.tensors}
     assert list(by_name) == [t[0] for t in tensors]
     for name, shape, qtype, data in tensors:

@@ -1,0 +1,183 @@
+"""Convert a Hugging Face Qwen2 / Qwen2-MoE checkpoint directory into a GGUF file.
+
+Metadata follows llama.cpp's ``convert_hf_to_gguf.py`` for the ``qwen2`` / ``qwen2moe``
+architectures, so llama.cpp loads the files qwenlite writes. Two keys go beyond it, because
+llama.cpp's qwen2moe support falls short there (field notes §4):
+
+* ``qwen2moe.expert_weights_norm`` (bool, from ``norm_topk_prob``): renormalize the top-k routing
+  weights. The key name is the one llama.cpp already uses for other MoE architectures. Absent means
+  false (llama.cpp's qwen2moe behaviour).
+* ``qwen2moe.dense_layers`` (array of u32, ascending): the layers that have a plain SwiGLU MLP
+  (``ffn_gate/ffn_up/ffn_down``, width ``feed_forward_length``) instead of experts, from
+  ``mlp_only_layers`` and ``decoder_sparse_step``. Written only when some layer is dense; absent means
+  every layer is MoE. ``leading_dense_block_count`` would only express a dense prefix, while
+  ``mlp_only_layers`` may name any layers.
+
+Memory: tensors are read from memory-mapped safetensors and written in chunks (``converters.pipeline``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+from pathlib import Path
+
+from converters.hf_config import ModelConfig, load_config
+from converters.hf_tokenizer import HFTokenizer, load_hf_tokenizer
+from converters.mixes import FILE_TYPES, FileType, file_type
+from converters.pipeline import SourceTensor, write_model
+from converters.safetensors_io import Checkpoint
+from converters.tensor_names import SourceRef, check_sources, ignored_hf_tensors, tensor_specs
+from qwenlite.errors import QwenliteError
+from qwenlite.gguf.constants import GGUFValueType
+from qwenlite.gguf.writer import GGUFWriter
+
+QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION
+_SPECIAL_KEYS = {
+    "bos": "tokenizer.ggml.bos_token_id",
+    "eos": "tokenizer.ggml.eos_token_id",
+    "unk": "tokenizer.ggml.unknown_token_id",
+    "sep": "tokenizer.ggml.seperator_token_id",  # sic: llama.cpp's spelling
+    "pad": "tokenizer.ggml.padding_token_id",
+}
+
+
+def model_metadata(w: GGUFWriter, cfg: ModelConfig, name: str, ftype: FileType) -> None:
+    """``general.*`` and ``<arch>.*`` keys, in llama.cpp's order."""
+    a = cfg.arch
+    w.add_string("general.architecture", a)
+    w.add_string("general.type", "model")
+    w.add_string("general.name", name)
+    w.add_uint32(f"{a}.block_count", cfg.n_layer)
+    w.add_uint32(f"{a}.context_length", cfg.n_ctx)
+    w.add_uint32(f"{a}.embedding_length", cfg.n_embd)
+    w.add_uint32(f"{a}.feed_forward_length", cfg.n_ff)
+    w.add_uint32(f"{a}.attention.head_count", cfg.n_head)
+    w.add_uint32(f"{a}.attention.head_count_kv", cfg.n_head_kv)
+    if cfg.rope_scaling is not None:
+        w.add_string(f"{a}.rope.scaling.type", cfg.rope_scaling.kind)
+        w.add_float32(f"{a}.rope.scaling.factor", cfg.rope_scaling.factor)
+        if cfg.rope_scaling.original_context_length is not None:
+            w.add_uint32(f"{a}.rope.scaling.original_context_length", cfg.rope_scaling.original_context_length)
+    w.add_float32(f"{a}.rope.freq_base", cfg.rope_theta)
+    w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", cfg.rms_eps)
+    if a == "qwen2moe":
+        w.add_uint32(f"{a}.expert_count", cfg.n_expert)
+        w.add_uint32(f"{a}.expert_used_count", cfg.n_expert_used)
+    if cfg.head_dim_explicit:
+        w.add_uint32(f"{a}.attention.key_length", cfg.head_dim)
+        w.add_uint32(f"{a}.attention.value_length", cfg.head_dim)
+    w.add_uint32("general.file_type", int(ftype.file_type))
+    if a == "qwen2moe":
+        w.add_uint32(f"{a}.expert_feed_forward_length", cfg.n_ff_exp)
+        w.add_uint32(f"{a}.expert_shared_feed_forward_length", cfg.n_ff_shexp)
+        w.add_bool(f"{a}.expert_weights_norm", cfg.norm_topk_prob)
+        if cfg.dense_layers:
+            w.add_array(f"{a}.dense_layers", list(cfg.dense_layers), GGUFValueType.UINT32)
+    w.add_uint32("general.quantization_version", QUANTIZATION_VERSION)
+
+
+def tokenizer_metadata(w: GGUFWriter, tok: HFTokenizer) -> None:
+    """``tokenizer.*`` keys for a gpt2-style (byte-level BPE) vocab with Qwen2 pre-tokenization."""
+    w.add_string("tokenizer.ggml.model", "gpt2")
+    w.add_string("tokenizer.ggml.pre", "qwen2")
+    w.add_array("tokenizer.ggml.tokens", tok.tokens, GGUFValueType.STRING)
+    w.add_array("tokenizer.ggml.token_type", tok.token_types, GGUFValueType.INT32)
+    w.add_array("tokenizer.ggml.merges", tok.merges, GGUFValueType.STRING)
+    for kind, key in _SPECIAL_KEYS.items():
+        if kind in tok.special_ids:
+            w.add_uint32(key, tok.special_ids[kind])
+    w.add_bool("tokenizer.ggml.add_bos_token", tok.add_bos)
+    if tok.add_eos is not None:
+        w.add_bool("tokenizer.ggml.add_eos_token", tok.add_eos)
+    for name, template in tok.named_chat_templates.items():
+        w.add_string(f"tokenizer.chat_template.{name}", template)
+    if tok.named_chat_templates:
+        w.add_array("tokenizer.chat_templates", list(tok.named_chat_templates), GGUFValueType.STRING)
+    if tok.chat_template is not None:
+        w.add_string("tokenizer.chat_template", tok.chat_template)
+
+
+def _refuse_overwriting_input(out: Path, model_dir: Path) -> None:
+    if out.is_dir():
+        raise QwenliteError(f"output {out} is a directory; give a file name")
+    inputs = [p for p in model_dir.iterdir() if p.is_file()] + [model_dir]
+    if out.exists() and any(os.path.samefile(out, p) for p in inputs):
+        raise QwenliteError(f"refusing to overwrite the input file {out}")
+    if out.resolve().parent == model_dir.resolve() and out.suffix in (".safetensors", ".json"):
+        raise QwenliteError(f"refusing to write {out.name} into the input checkpoint")
+
+
+def _part(ckpt: Checkpoint, ref: SourceRef) -> tuple:
+    view = ckpt.raw(ref.hf_name)
+    if ref.index is not None:
+        view = view[ref.index]
+    if ref.row_start is not None:
+        view = view[ref.row_start : ref.row_stop]
+    return view, ckpt.entry(ref.hf_name).dtype
+
+
+def _release(ckpt: Checkpoint, names: set[str]) -> None:
+    for name in names:
+        ckpt.release(name)
+
+
+def convert(
+    hf_dir: str | os.PathLike[str], out_path: str | os.PathLike[str], ftype: str, progress: bool = True
+) -> Path:
+    """Convert the checkpoint in ``hf_dir`` to ``out_path`` with output type ``ftype``
+    (one of f32, f16, bf16, q8_0, q4_0, q5_0, q5_1, q4_k_m, q5_k_m, q6_k). Returns the written path."""
+    model_dir = Path(hf_dir)
+    if not model_dir.is_dir():
+        raise QwenliteError(f"{model_dir} is not a directory")
+    out = Path(out_path)
+    ft = file_type(ftype)
+    _refuse_overwriting_input(out, model_dir)
+    cfg, _ = load_config(model_dir)
+    tok = load_hf_tokenizer(model_dir, cfg.n_vocab)
+    with Checkpoint(model_dir) as ckpt:
+        specs = tensor_specs(cfg, ckpt.__contains__)
+        check_sources(specs, lambda n: ckpt.entry(n).shape if n in ckpt else None)
+        extra = ignored_hf_tensors(specs, ckpt.names(), cfg)
+        if extra:
+            raise QwenliteError(
+                f"checkpoint tensor {extra[0]!r} does not fit the {cfg.hf_arch} layout in config.json"
+                + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+            )
+        sources = [
+            SourceTensor(
+                s.name,
+                s.shape,
+                [_part(ckpt, r) for r in s.sources],
+                release=functools.partial(_release, ckpt, {r.hf_name for r in s.sources}),
+            )
+            for s in specs
+        ]
+
+        def add_metadata(w: GGUFWriter) -> None:
+            model_metadata(w, cfg, model_dir.resolve().name, ft)
+            tokenizer_metadata(w, tok)
+
+        return write_model(out, add_metadata, sources, ft, cfg.n_layer, cfg.n_expert, progress)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m converters.hf_to_gguf HF_DIR OUT.gguf --type q4_k_m``"""
+    p = argparse.ArgumentParser(description="Convert a Hugging Face Qwen2 / Qwen2-MoE checkpoint to GGUF.")
+    p.add_argument("hf_dir")
+    p.add_argument("out")
+    p.add_argument("--type", default="f16", choices=list(FILE_TYPES))
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    args = p.parse_args(argv)
+    try:
+        convert(args.hf_dir, args.out, args.type, progress=not args.quiet)
+    except QwenliteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

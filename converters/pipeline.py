@@ -1,0 +1,108 @@
+"""The one write path shared by ``convert`` (HF -> GGUF) and ``requantize`` (GGUF -> GGUF).
+
+Input tensors arrive as zero-copy views (safetensors or GGUF memory maps) in F32, F16 or BF16.
+Each output tensor is produced in row chunks of a few MB: convert the chunk to float32, quantize it
+with ``qwenlite.quant.quantize`` (the single definition of every format, F32/F16/BF16 included),
+append it to the file. Peak memory therefore stays around one chunk plus the page cache, however large
+the model, and both entry points pick types with the same ``converters.mixes`` rules.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from converters.mixes import FileType, choose_types
+from converters.progress import Progress
+from converters.safetensors_io import to_float32
+from qwenlite import quant
+from qwenlite.gguf.constants import GGMLType
+from qwenlite.gguf.writer import GGUFWriter
+
+CHUNK_BYTES = 8 << 20  # float32 bytes converted and quantized at a time
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    """An output tensor and where its values come from.
+
+    ``parts`` are the row blocks that make it up, in order (one for a plain weight, one per expert for
+    a stacked expert tensor): ``(view, dtype)`` with ``view`` of shape ``(rows, n)`` or ``(n,)`` and
+    dtype ``"F32"``, ``"F16"`` or ``"BF16"`` (raw uint16 bits). ``keep`` is the type used when the
+    tensor is not quantizable (norms, biases, routers); ``release`` lets the source drop the pages it
+    mapped once the tensor is written.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    parts: Sequence[tuple[np.ndarray, str]]
+    keep: GGMLType = GGMLType.F32
+    release: Callable[[], None] | None = None  # called once the tensor is written (drop its pages)
+
+    @property
+    def n_cols(self) -> int:
+        return int(self.shape[-1])
+
+    @property
+    def n_rows(self) -> int:
+        return int(np.prod(self.shape[:-1], dtype=np.int64))
+
+
+def _float_chunks(src: SourceTensor) -> Iterator[np.ndarray]:
+    """float32 ``(rows, n)`` chunks of the tensor, in row order."""
+    n = src.n_cols
+    step = max(1, CHUNK_BYTES // (4 * n))
+    for view, dtype in src.parts:
+        rows = view.reshape(-1, n)
+        for r0 in range(0, rows.shape[0], step):
+            yield np.ascontiguousarray(to_float32(rows[r0 : r0 + step], dtype), dtype=np.float32)
+
+
+def _encoded_chunks(src: SourceTensor, qtype: GGMLType, progress: Progress) -> Iterator[np.ndarray]:
+    row_bytes = quant.row_nbytes(qtype, src.n_cols)
+    for x in _float_chunks(src):
+        q = quant.quantize(x, qtype)
+        if q.shape != (x.shape[0], row_bytes):  # a broken format module must not corrupt the file
+            raise RuntimeError(f"quantize({qtype.name}) returned shape {q.shape}, expected {(x.shape[0], row_bytes)}")
+        progress.advance(q.nbytes)
+        yield q
+
+
+def write_model(
+    out_path: str | os.PathLike[str],
+    add_metadata: Callable[[GGUFWriter], None],
+    tensors: Sequence[SourceTensor],
+    ftype: FileType,
+    n_layer: int,
+    n_expert: int,
+    progress: bool = True,
+) -> Path:
+    """Choose every tensor's type, write metadata + tensor infos, then stream the data.
+
+    The file appears at ``out_path`` only when complete (see ``GGUFWriter``).
+    """
+    for src in tensors:
+        if sum(int(np.prod(v.shape[:-1], dtype=np.int64)) if v.ndim > 1 else 1 for v, _ in src.parts) != src.n_rows:
+            raise ValueError(f"{src.name}: parts do not add up to shape {src.shape}")
+    chosen = choose_types([(t.name, t.shape) for t in tensors], ftype, n_layer, n_expert)
+    types = [src.keep if qt is None else qt for src, qt in zip(tensors, chosen)]
+    sizes = [src.n_rows * quant.row_nbytes(qt, src.n_cols) for src, qt in zip(tensors, types)]
+    bar = Progress(sum(sizes), len(tensors), enabled=progress)
+    with GGUFWriter(out_path) as writer:
+        add_metadata(writer)
+        for src, qt, size in zip(tensors, types, sizes):
+            writer.add_tensor_info(src.name, src.shape, qt, size)
+        writer.begin_data()
+        for src, qt in zip(tensors, types):
+            bar.begin_tensor(src.name, qt.name)
+            writer.write_tensor(src.name, _encoded_chunks(src, qt, bar))
+            if src.release is not None:
+                src.release()
+            bar.end_tensor()
+        path = writer.finish()
+    bar.finish(str(path))
+    return path

@@ -1,0 +1,205 @@
+"""Synthetic full-size Qwen2-MoE GGUF files for speed work.
+
+No real Qwen2-MoE weights can be downloaded here, yet MoE speed depends only on shapes and types. This
+writes a file with the exact tensor shapes of Qwen1.5-MoE-A2.7B or Qwen2-57B-A14B, the per-tensor types
+of the chosen mix (same rules as the converter), the real Qwen tokenizer copied from another GGUF, and
+random but valid blocks: every scale field holds a small finite f16, so activations stay finite and the
+router still spreads tokens over many experts. Random bytes are written directly instead of quantizing
+random floats, which turns a job of hours into one bounded by disk speed.
+
+    python -m converters.synthetic qwen1.5-moe-a2.7b -o moe-a2.7b-q4_k_m.gguf [--vocab-from MODEL.gguf]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from converters.mixes import choose_types, file_type
+from converters.progress import Progress
+from qwenlite import quant
+from qwenlite.errors import QwenliteError
+from qwenlite.gguf.constants import GGMLType, GGUFValueType
+from qwenlite.gguf.reader import GGUFFile
+from qwenlite.gguf.writer import GGUFWriter
+
+
+@dataclass(frozen=True)
+class MoEShape:
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    n_expert: int
+    n_expert_used: int
+    n_ff_expert: int
+    n_ff_shared: int
+    n_ff: int
+    n_ctx: int
+    n_vocab: int = 151936
+
+
+SHAPES = {
+    "qwen1.5-moe-a2.7b": MoEShape(24, 2048, 16, 16, 60, 4, 1408, 5632, 5632, 8192),
+    "qwen2-57b-a14b": MoEShape(28, 3584, 28, 4, 64, 8, 2560, 20480, 18944, 32768),
+}
+
+# Byte offsets of the f16 scale fields in each block, and the scale that gives weights of std ~0.02.
+_SCALE_FIELDS: dict[GGMLType, tuple[tuple[int, float], ...]] = {
+    GGMLType.Q4_0: ((0, 0.02 / 4.6),),
+    GGMLType.Q5_0: ((0, 0.02 / 9.2),),
+    GGMLType.Q5_1: ((0, 0.02 / 9.2), (2, -0.02 * 15.5 / 9.2)),
+    GGMLType.Q8_0: ((0, 0.02 / 74.0),),
+    GGMLType.Q4_K: ((0, 0.02 / 250.0), (2, 0.02 * 7.5 / 250.0)),
+    GGMLType.Q5_K: ((0, 0.02 / 500.0), (2, 0.02 * 15.5 / 500.0)),
+    GGMLType.Q6_K: ((208, 0.02 / 1350.0),),
+}
+
+
+def tensor_shapes(s: MoEShape) -> list[tuple[str, tuple[int, ...]]]:
+    """Every tensor of the model in llama.cpp's order, numpy shapes."""
+    d, kv = s.n_embd, s.n_head_kv * (s.n_embd // s.n_head)
+    out: list[tuple[str, tuple[int, ...]]] = [("token_embd.weight", (s.n_vocab, d))]
+    for i in range(s.n_layer):
+        p = f"blk.{i}"
+        out += [
+            (f"{p}.attn_norm.weight", (d,)),
+            (f"{p}.attn_q.weight", (d, d)),
+            (f"{p}.attn_q.bias", (d,)),
+            (f"{p}.attn_k.weight", (kv, d)),
+            (f"{p}.attn_k.bias", (kv,)),
+            (f"{p}.attn_v.weight", (kv, d)),
+            (f"{p}.attn_v.bias", (kv,)),
+            (f"{p}.attn_output.weight", (d, d)),
+            (f"{p}.ffn_norm.weight", (d,)),
+            (f"{p}.ffn_gate_inp.weight", (s.n_expert, d)),
+            (f"{p}.ffn_gate_exps.weight", (s.n_expert, s.n_ff_expert, d)),
+            (f"{p}.ffn_up_exps.weight", (s.n_expert, s.n_ff_expert, d)),
+            (f"{p}.ffn_down_exps.weight", (s.n_expert, d, s.n_ff_expert)),
+            (f"{p}.ffn_gate_inp_shexp.weight", (d,)),
+            (f"{p}.ffn_gate_shexp.weight", (s.n_ff_shared, d)),
+            (f"{p}.ffn_up_shexp.weight", (s.n_ff_shared, d)),
+            (f"{p}.ffn_down_shexp.weight", (d, s.n_ff_shared)),
+        ]
+    return out + [("output_norm.weight", (d,)), ("output.weight", (s.n_vocab, d))]
+
+
+def random_data(name: str, shape: tuple[int, ...], qtype: GGMLType, rng: np.random.Generator) -> np.ndarray:
+    """Valid random data for one tensor (norms 1, biases 0, float weights N(0, 0.02))."""
+    n = int(np.prod(shape))
+    if qtype == GGMLType.F32:
+        if name.endswith("_norm.weight"):
+            return np.ones(n, np.float32)
+        if name.endswith(".bias"):
+            return np.zeros(n, np.float32)
+        return (rng.standard_normal(n, dtype=np.float32) * np.float32(0.02)).astype(np.float32)
+    if qtype in (GGMLType.F16, GGMLType.BF16):
+        x = rng.standard_normal((n // shape[-1], shape[-1]), dtype=np.float32) * np.float32(0.02)
+        return quant.quantize(x, qtype)
+    fmt = quant.FORMATS[qtype]
+    blocks = np.frombuffer(rng.bytes(n // fmt.BLOCK_SIZE * fmt.TYPE_SIZE), np.uint8).reshape(-1, fmt.TYPE_SIZE)
+    blocks = blocks.copy()
+    for offset, scale in _SCALE_FIELDS[qtype]:
+        blocks[:, offset : offset + 2] = np.frombuffer(np.float16(scale).tobytes(), np.uint8)
+    return blocks
+
+
+def write_synthetic(
+    shape_name: str,
+    out: Path,
+    ftype: str = "q4_k_m",
+    vocab_from: Path | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> Path:
+    """Write the synthetic model ``shape_name`` to ``out``; the tokenizer comes from ``vocab_from``."""
+    if shape_name not in SHAPES:
+        raise QwenliteError(f"unknown shape {shape_name!r}; choose one of {', '.join(SHAPES)}")
+    s = SHAPES[shape_name]
+    ft = file_type(ftype)
+    if vocab_from is None:
+        from qwenlite import hub
+
+        vocab_from = hub.resolve_model(None, progress=progress)
+    tensors = tensor_shapes(s)
+    types = [t or GGMLType.F32 for t in choose_types(tensors, ft, s.n_layer, s.n_expert)]
+    rng = np.random.default_rng(seed)
+    a = "qwen2moe"
+    with GGUFFile(vocab_from) as src, GGUFWriter(out) as w:
+        w.add_string("general.architecture", a)
+        w.add_string("general.name", f"synthetic {shape_name} (random weights)")
+        for key, value in {
+            "block_count": s.n_layer,
+            "context_length": s.n_ctx,
+            "embedding_length": s.n_embd,
+            "feed_forward_length": s.n_ff,
+            "attention.head_count": s.n_head,
+            "attention.head_count_kv": s.n_head_kv,
+            "expert_count": s.n_expert,
+            "expert_used_count": s.n_expert_used,
+            "expert_feed_forward_length": s.n_ff_expert,
+            "expert_shared_feed_forward_length": s.n_ff_shared,
+        }.items():
+            w.add_uint32(f"{a}.{key}", value)
+        w.add_float32(f"{a}.rope.freq_base", 1e6)
+        w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)
+        w.add_uint32("general.file_type", int(ft.file_type))
+        w.add_uint32("general.quantization_version", 2)
+        for key, value in src.metadata.items():
+            if key.startswith("tokenizer."):
+                _copy_key(w, key, value)
+        for (name, shp), qt in zip(tensors, types):
+            w.add_tensor_info(name, shp, qt, quant.row_nbytes(qt, shp[-1]) * int(np.prod(shp[:-1])))
+        bar = Progress(
+            sum(quant.row_nbytes(qt, shp[-1]) * int(np.prod(shp[:-1])) for (_, shp), qt in zip(tensors, types)),
+            len(tensors),
+            enabled=progress,
+        )
+        w.begin_data()
+        for (name, shp), qt in zip(tensors, types):
+            bar.begin_tensor(name, qt.name)
+            data = random_data(name, shp, qt, rng)
+            w.write_tensor(name, [data])
+            bar.advance(data.nbytes)
+            bar.end_tensor()
+        bar.finish(str(out))
+    return out
+
+
+def _copy_key(w: GGUFWriter, key: str, value: object) -> None:
+    if isinstance(value, str):
+        w.add_string(key, value)
+    elif isinstance(value, bool):
+        w.add_bool(key, value)
+    elif isinstance(value, int):
+        w.add_uint32(key, value)
+    elif isinstance(value, list):
+        w.add_array(key, value, GGUFValueType.STRING)
+    elif isinstance(value, np.ndarray):
+        w.add_array(key, value, GGUFValueType.INT32 if value.dtype.kind == "i" else GGUFValueType.UINT32)
+    else:
+        raise QwenliteError(f"cannot copy tokenizer key {key!r} of type {type(value).__name__}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m converters.synthetic", description=__doc__.split("\n\n")[0])
+    ap.add_argument("shape", choices=sorted(SHAPES))
+    ap.add_argument("-o", "--output", required=True, type=Path)
+    ap.add_argument("--type", default="q4_k_m")
+    ap.add_argument("--vocab-from", type=Path, default=None, help="GGUF to copy the tokenizer from")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    try:
+        write_synthetic(args.shape, args.output, args.type, args.vocab_from, args.seed, progress=sys.stderr.isatty())
+    except QwenliteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Which GGUF tensors a Qwen2 / Qwen2-MoE model has, their shapes, and the HF tensors they come from.
+
+Names follow llama.cpp (``token_embd``, ``blk.N.attn_q``, ...). Shapes are numpy order, i.e. the HF
+``nn.Linear`` weight shape ``(n_out, n_in)`` unchanged (GGUF stores ``ne`` reversed). MoE experts are
+stacked into one ``(n_expert, n_out, n_in)`` tensor per projection, from either checkpoint layout:
+one 2-D tensor per expert (``mlp.experts.E.gate_proj.weight``, what transformers saves) or fused 3-D
+tensors (``mlp.experts.gate_up_proj`` with gate rows first, ``mlp.experts.down_proj``).
+
+Tensors are listed layer by layer, in ascending layer order: llama-quantize's counters for
+``attn_v`` / ``ffn_down`` then equal the layer number (see ``converters.mixes``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from converters.hf_config import ModelConfig
+from qwenlite.errors import QwenliteError
+
+
+@dataclass(frozen=True)
+class SourceRef:
+    """A 2-D (or 1-D) piece of an HF tensor: ``hf_name[index][row_start:row_stop]``."""
+
+    hf_name: str
+    hf_shape: tuple[int, ...]  # the shape the whole HF tensor must have
+    index: int | None = None
+    row_start: int | None = None
+    row_stop: int | None = None
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One GGUF tensor; its data is its sources concatenated along rows (stacking experts)."""
+
+    name: str
+    shape: tuple[int, ...]
+    sources: tuple[SourceRef, ...]
+
+
+def _linear(gguf: str, hf: str, n_out: int, n_in: int) -> TensorSpec:
+    return TensorSpec(f"{gguf}.weight", (n_out, n_in), (SourceRef(f"{hf}.weight", (n_out, n_in)),))
+
+
+def _vector(gguf: str, hf: str, n: int) -> TensorSpec:
+    return TensorSpec(gguf, (n,), (SourceRef(hf, (n,)),))
+
+
+def _experts(has: Callable[[str], bool], cfg: ModelConfig, blk: str, hf: str) -> list[TensorSpec]:
+    """gate/up/down expert stacks of one layer, from per-expert or fused checkpoint tensors."""
+    n_e, d, f = cfg.n_expert, cfg.n_embd, cfg.n_ff_exp
+    fused_gu, fused_down = f"{hf}.experts.gate_up_proj", f"{hf}.experts.down_proj"
+    if has(fused_gu) or has(fused_gu + ".weight"):
+        gu = fused_gu if has(fused_gu) else fused_gu + ".weight"
+        down = fused_down if has(fused_down) else fused_down + ".weight"
+        gate = tuple(SourceRef(gu, (n_e, 2 * f, d), e, 0, f) for e in range(n_e))
+        up = tuple(SourceRef(gu, (n_e, 2 * f, d), e, f, 2 * f) for e in range(n_e))
+        dn = tuple(SourceRef(down, (n_e, d, f), e) for e in range(n_e))
+    else:
+
+        def per(proj: str, shape: tuple[int, int]) -> tuple[SourceRef, ...]:
+            return tuple(SourceRef(f"{hf}.experts.{e}.{proj}.weight", shape) for e in range(n_e))
+
+        gate, up, dn = per("gate_proj", (f, d)), per("up_proj", (f, d)), per("down_proj", (d, f))
+    return [
+        TensorSpec(f"{blk}.ffn_gate_exps.weight", (n_e, f, d), gate),
+        TensorSpec(f"{blk}.ffn_up_exps.weight", (n_e, f, d), up),
+        TensorSpec(f"{blk}.ffn_down_exps.weight", (n_e, d, f), dn),
+    ]
+
+
+def tensor_specs(cfg: ModelConfig, has: Callable[[str], bool]) -> list[TensorSpec]:
+    """All GGUF tensors of the model in file order. ``has(hf_name)`` tells which checkpoint tensors
+    exist (only consulted for the expert layout)."""
+    d, hd = cfg.n_embd, cfg.head_dim
+    q_out, kv_out = cfg.n_head * hd, cfg.n_head_kv * hd
+    specs = [_linear("token_embd", "model.embed_tokens", cfg.n_vocab, d)]
+    for i in range(cfg.n_layer):
+        blk, hf = f"blk.{i}", f"model.layers.{i}"
+        specs.append(_vector(f"{blk}.attn_norm.weight", f"{hf}.input_layernorm.weight", d))
+        qkv = (("attn_q", "q_proj", q_out), ("attn_k", "k_proj", kv_out), ("attn_v", "v_proj", kv_out))
+        for name, proj, n_out in qkv:
+            specs.append(_linear(f"{blk}.{name}", f"{hf}.self_attn.{proj}", n_out, d))
+            if cfg.qkv_bias:
+                specs.append(_vector(f"{blk}.{name}.bias", f"{hf}.self_attn.{proj}.bias", n_out))
+        specs.append(_linear(f"{blk}.attn_output", f"{hf}.self_attn.o_proj", d, q_out))
+        specs.append(_vector(f"{blk}.ffn_norm.weight", f"{hf}.post_attention_layernorm.weight", d))
+        mlp = f"{hf}.mlp"
+        if not cfg.is_sparse(i):
+            specs.append(_linear(f"{blk}.ffn_gate", f"{mlp}.gate_proj", cfg.n_ff, d))
+            specs.append(_linear(f"{blk}.ffn_up", f"{mlp}.up_proj", cfg.n_ff, d))
+            specs.append(_linear(f"{blk}.ffn_down", f"{mlp}.down_proj", d, cfg.n_ff))
+            continue
+        specs.append(_linear(f"{blk}.ffn_gate_inp", f"{mlp}.gate", cfg.n_expert, d))
+        specs.extend(_experts(has, cfg, blk, mlp))
+        # (1, n_embd) like llama.cpp's converter: ggml sees a 1-D tensor, so it stays F32
+        specs.append(_linear(f"{blk}.ffn_gate_inp_shexp", f"{mlp}.shared_expert_gate", 1, d))
+        sh = cfg.n_ff_shexp
+        specs.append(_linear(f"{blk}.ffn_gate_shexp", f"{mlp}.shared_expert.gate_proj", sh, d))
+        specs.append(_linear(f"{blk}.ffn_up_shexp", f"{mlp}.shared_expert.up_proj", sh, d))
+        specs.append(_linear(f"{blk}.ffn_down_shexp", f"{mlp}.shared_expert.down_proj", d, sh))
+    specs.append(_vector("output_norm.weight", "model.norm.weight", d))
+    if not cfg.tied_embeddings:
+        specs.append(_linear("output", "lm_head", cfg.n_vocab, d))
+    return specs
+
+
+def check_sources(specs: list[TensorSpec], shape_of: Callable[[str], tuple[int, ...] | None]) -> None:
+    """Every HF tensor a spec needs exists with the shape the config implies."""
+    for spec in specs:
+        for ref in spec.sources:
+            shape = shape_of(ref.hf_name)
+            if shape is None:
+                raise QwenliteError(f"checkpoint is missing tensor {ref.hf_name!r} (needed for {spec.name})")
+            if tuple(shape) != ref.hf_shape:
+                raise QwenliteError(
+                    f"tensor {ref.hf_name!r} has shape {tuple(shape)}, but config.json implies {ref.hf_shape}"
+                )
+
+
+def ignored_hf_tensors(specs: list[TensorSpec], names: list[str], cfg: ModelConfig) -> list[str]:
+    """Checkpoint tensors no spec uses (a tied ``lm_head.weight`` and rotary caches are expected)."""
+    used = {ref.hf_name for spec in specs for ref in spec.sources}
+    harmless = {"lm_head.weight"} if cfg.tied_embeddings else set()
+    return [n for n in names if n not in used and n not in harmless and not n.endswith("rotary_emb.inv_freq")]
