@@ -52,8 +52,9 @@ class ModelConfig:
         n_embd = need_int("embedding_length")
         n_head = need_int("attention.head_count")
         n_head_kv = int(f.get(f"{arch}.attention.head_count_kv", n_head))
-        if n_embd % n_head or n_head_kv <= 0 or n_head % n_head_kv:
-            raise GGUFError(f"{f.path}: {n_head} heads / {n_head_kv} kv heads do not divide d={n_embd}")
+        head_dim = int(f.get(f"{arch}.attention.key_length", n_embd // n_head))
+        if head_dim <= 0 or head_dim % 2 or n_head_kv <= 0 or n_head % n_head_kv:
+            raise GGUFError(f"{f.path}: {n_head} heads / {n_head_kv} kv heads of size {head_dim} do not fit d={n_embd}")
         scaling = f.get(f"{arch}.rope.scaling.type", "none")
         if scaling not in ("none", "linear") and scaling is not None:
             raise GGUFError(f"{f.path}: rope scaling {scaling!r} is not supported yet")
@@ -67,7 +68,7 @@ class ModelConfig:
             n_ff=int(f.get(f"{arch}.feed_forward_length", 0)),
             n_head=n_head,
             n_head_kv=n_head_kv,
-            head_dim=n_embd // n_head,
+            head_dim=head_dim,
             n_vocab=n_vocab,
             n_ctx_train=need_int("context_length"),
             rope_base=float(f.get(f"{arch}.rope.freq_base", 10000.0)),

@@ -38,12 +38,13 @@ class Block:
     """One decoder block: attention with q/k/v bias, then the FFN."""
 
     def __init__(self, f: GGUFFile, i: int, cfg: ModelConfig) -> None:
-        p, d, kv = f"blk.{i}", cfg.n_embd, cfg.n_head_kv * cfg.head_dim
+        p, d = f"blk.{i}", cfg.n_embd
+        q, kv = cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.head_dim
         self.attn_norm = vector(f, f"{p}.attn_norm.weight", d)
-        self.wq = Linear.load(f, f"{p}.attn_q", d, d, bias=True)
+        self.wq = Linear.load(f, f"{p}.attn_q", d, q, bias=True)
         self.wk = Linear.load(f, f"{p}.attn_k", d, kv, bias=True)
         self.wv = Linear.load(f, f"{p}.attn_v", d, kv, bias=True)
-        self.wo = Linear.load(f, f"{p}.attn_output", d, d)
+        self.wo = Linear.load(f, f"{p}.attn_output", q, d)
         self.ffn_norm = vector(f, f"{p}.ffn_norm.weight", d)
         sparse = cfg.n_expert > 0 and f"{p}.ffn_gate_inp.weight" in f.tensors
         self.ffn = MoEFFN(f, p, cfg) if sparse else DenseFFN(f, p, d, cfg.n_ff)
