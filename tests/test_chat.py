@@ -368,5 +368,12 @@ def test_real_chat_reply_is_coherent_and_stops(model) -> None:
     assert "Paris" in reply
     for marker in ("<|im_start|>", "<|im_end|>", "<|endoftext|>"):
         assert marker not in reply
-    reply2 = "".join(session.send("And of Italy?"))
+    reply2 = "".join(session.send("And what is the capital of Italy?"))
     assert "Rome" in reply2 and session.last.finish_reason == "stop"
+    # The second turn reused the cached prefix; a fresh evaluation of the same prompt must agree.
+    assert len(session.cached) == model.engine.n_past
+    ids = session.template.encode(model.tokenizer, session.messages()[:-1])
+    assert session.cached[:len(ids)] == ids
+    model.engine.reset()
+    fresh = "".join(generate(model.engine, model.tokenizer, ids, 64, Sampler(GREEDY)))
+    assert fresh == reply2
