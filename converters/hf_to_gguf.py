@@ -13,7 +13,9 @@ llama.cpp's qwen2moe support falls short there (field notes §4):
   every layer is MoE. ``leading_dense_block_count`` would only express a dense prefix, while
   ``mlp_only_layers`` may name any layers.
 
-Memory: tensors are read from memory-mapped safetensors and written in chunks (``converters.pipeline``).
+Tensor order is llama.cpp's (``tensor_names.llama_cpp_order``), so the per-layer choices of the
+k-quant mixes equal llama-quantize's on the same checkpoint. Memory: tensors are read from
+memory-mapped safetensors and written in chunks (``converters.pipeline``).
 """
 
 from __future__ import annotations
@@ -27,11 +29,11 @@ from pathlib import Path
 from converters.hf_config import ModelConfig, load_config
 from converters.hf_tokenizer import HFTokenizer, load_hf_tokenizer
 from converters.mixes import FILE_TYPES, FileType, file_type
-from converters.pipeline import SourceTensor, write_model
+from converters.pipeline import SourceTensor, resolve_types, write_model
 from converters.safetensors_io import Checkpoint
-from converters.tensor_names import SourceRef, check_sources, ignored_hf_tensors, tensor_specs
+from converters.tensor_names import SourceRef, check_sources, ignored_hf_tensors, llama_cpp_order, tensor_specs
 from qwenlite.errors import QwenliteError
-from qwenlite.gguf.constants import GGUFValueType
+from qwenlite.gguf.constants import GGMLType, GGUFValueType
 from qwenlite.gguf.writer import GGUFWriter
 
 QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION
@@ -124,6 +126,37 @@ def _release(ckpt: Checkpoint, names: set[str]) -> None:
         ckpt.release(name)
 
 
+def _sources(ckpt: Checkpoint, cfg: ModelConfig) -> list[SourceTensor]:
+    """Validate the checkpoint against the config and list the output tensors in llama.cpp's order."""
+    specs = tensor_specs(cfg, ckpt.__contains__)
+    check_sources(specs, lambda n: ckpt.entry(n).shape if n in ckpt else None)
+    extra = ignored_hf_tensors(specs, ckpt.names(), cfg)
+    if extra:
+        raise QwenliteError(
+            f"checkpoint tensor {extra[0]!r} does not fit the {cfg.hf_arch} layout in config.json"
+            + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+        )
+    return [
+        SourceTensor(
+            s.name,
+            s.shape,
+            [_part(ckpt, r) for r in s.sources],
+            release=functools.partial(_release, ckpt, {r.hf_name for r in s.sources}),
+        )
+        for s in llama_cpp_order(specs, ckpt.names())
+    ]
+
+
+def plan(hf_dir: str | os.PathLike[str], ftype: str) -> list[tuple[str, tuple[int, ...], GGMLType]]:
+    """What ``convert`` would write, without writing: ``(name, shape, type)`` in file order."""
+    model_dir = Path(hf_dir)
+    cfg, _ = load_config(model_dir)
+    with Checkpoint(model_dir) as ckpt:
+        sources = _sources(ckpt, cfg)
+        types = resolve_types(sources, file_type(ftype), cfg.n_layer, cfg.n_expert)
+        return [(s.name, s.shape, t) for s, t in zip(sources, types)]
+
+
 def convert(
     hf_dir: str | os.PathLike[str], out_path: str | os.PathLike[str], ftype: str, progress: bool = True
 ) -> Path:
@@ -138,23 +171,7 @@ def convert(
     cfg, _ = load_config(model_dir)
     tok = load_hf_tokenizer(model_dir, cfg.n_vocab)
     with Checkpoint(model_dir) as ckpt:
-        specs = tensor_specs(cfg, ckpt.__contains__)
-        check_sources(specs, lambda n: ckpt.entry(n).shape if n in ckpt else None)
-        extra = ignored_hf_tensors(specs, ckpt.names(), cfg)
-        if extra:
-            raise QwenliteError(
-                f"checkpoint tensor {extra[0]!r} does not fit the {cfg.hf_arch} layout in config.json"
-                + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
-            )
-        sources = [
-            SourceTensor(
-                s.name,
-                s.shape,
-                [_part(ckpt, r) for r in s.sources],
-                release=functools.partial(_release, ckpt, {r.hf_name for r in s.sources}),
-            )
-            for s in specs
-        ]
+        sources = _sources(ckpt, cfg)
 
         def add_metadata(w: GGUFWriter) -> None:
             model_metadata(w, cfg, model_dir.resolve().name, ft)

@@ -72,6 +72,12 @@ def _encoded_chunks(src: SourceTensor, qtype: GGMLType, progress: Progress) -> I
         yield q
 
 
+def resolve_types(tensors: Sequence[SourceTensor], ftype: FileType, n_layer: int, n_expert: int) -> list[GGMLType]:
+    """The stored type of every tensor: the mix's choice, or the tensor's own ``keep`` type."""
+    chosen = choose_types([(t.name, t.shape) for t in tensors], ftype, n_layer, n_expert)
+    return [src.keep if qt is None else qt for src, qt in zip(tensors, chosen)]
+
+
 def write_model(
     out_path: str | os.PathLike[str],
     add_metadata: Callable[[GGUFWriter], None],
@@ -88,8 +94,7 @@ def write_model(
     for src in tensors:
         if sum(int(np.prod(v.shape[:-1], dtype=np.int64)) if v.ndim > 1 else 1 for v, _ in src.parts) != src.n_rows:
             raise ValueError(f"{src.name}: parts do not add up to shape {src.shape}")
-    chosen = choose_types([(t.name, t.shape) for t in tensors], ftype, n_layer, n_expert)
-    types = [src.keep if qt is None else qt for src, qt in zip(tensors, chosen)]
+    types = resolve_types(tensors, ftype, n_layer, n_expert)
     sizes = [src.n_rows * quant.row_nbytes(qt, src.n_cols) for src, qt in zip(tensors, types)]
     bar = Progress(sum(sizes), len(tensors), enabled=progress)
     with GGUFWriter(out_path) as writer:

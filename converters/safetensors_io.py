@@ -193,7 +193,11 @@ class SafetensorsFile:
 
 class Checkpoint:
     """All safetensors of an HF model directory: ``model.safetensors`` or a sharded set listed in
-    ``model.safetensors.index.json``. Tensor names are unique across shards."""
+    ``model.safetensors.index.json``. Tensor names are unique across shards.
+
+    ``names()`` lists tensors in llama.cpp's converter order (shard files sorted by name, tensor names
+    sorted within each shard): the GGUF tensor order, and through it llama-quantize's per-layer
+    counters, follow from it."""
 
     def __init__(self, model_dir: str | os.PathLike[str]) -> None:
         self.dir = Path(model_dir)
@@ -219,10 +223,10 @@ class Checkpoint:
                     + (f" (found {len(found)} .safetensors files)" if found else "")
                 )
             shards = {found[0]: None}
-        for shard, expected in shards.items():
+        for shard, expected in sorted(shards.items()):
             f = SafetensorsFile(self.dir / shard)
             self._files.append(f)
-            for name in f.tensors:
+            for name in sorted(f.tensors):
                 if name in self._where:
                     raise SafetensorsError(f"tensor {name!r} appears in both {self._where[name].path.name} and {shard}")
                 self._where[name] = f

@@ -6,8 +6,8 @@ stacked into one ``(n_expert, n_out, n_in)`` tensor per projection, from either 
 one 2-D tensor per expert (``mlp.experts.E.gate_proj.weight``, what transformers saves) or fused 3-D
 tensors (``mlp.experts.gate_up_proj`` with gate rows first, ``mlp.experts.down_proj``).
 
-Tensors are listed layer by layer, in ascending layer order: llama-quantize's counters for
-``attn_v`` / ``ffn_down`` then equal the layer number (see ``converters.mixes``).
+``tensor_specs`` lists tensors layer by layer; ``llama_cpp_order`` reorders them the way llama.cpp's
+converter emits them (see there), which is what llama-quantize's per-layer counters depend on.
 """
 
 from __future__ import annotations
@@ -104,6 +104,16 @@ def tensor_specs(cfg: ModelConfig, has: Callable[[str], bool]) -> list[TensorSpe
     if not cfg.tied_embeddings:
         specs.append(_linear("output", "lm_head", cfg.n_vocab, d))
     return specs
+
+
+def llama_cpp_order(specs: list[TensorSpec], hf_order: list[str]) -> list[TensorSpec]:
+    """The specs in the order llama.cpp's converter writes them: it walks the checkpoint's tensors in
+    ``hf_order`` (shards sorted, names sorted within a shard: blk 0, 1, 10, 11, ..., 2, 20, ...) and
+    emits each GGUF tensor when its last source arrives (a stacked expert tensor after its last
+    expert). llama-quantize counts ``attn_v`` (and a dense model's ``ffn_down``) in file order, so this
+    order is what makes a qwenlite Q4_K_M choose the same per-layer types as a llama.cpp one."""
+    position = {name: i for i, name in enumerate(hf_order)}
+    return sorted(specs, key=lambda s: max(position[r.hf_name] for r in s.sources))
 
 
 def check_sources(specs: list[TensorSpec], shape_of: Callable[[str], tuple[int, ...] | None]) -> None:
