@@ -11,7 +11,7 @@ import numpy as np
 from numba import njit
 
 from qwenlite.gguf.constants import GGMLType
-from qwenlite.quant.q8_0 import c_float_to_int8, check_blocks, check_q8_0, load_f16, store_f16
+from qwenlite.quant.q8_0 import c_float_to_int8, check_blocks, check_q8_0, dot_q4_block, load_f16, store_f16
 
 TYPE = GGMLType.Q4_0
 BLOCK_SIZE = 32
@@ -74,12 +74,7 @@ def dot_row(w, aq, ad, asum):
     check_q8_0(n, ad, asum)
     total = 0.0
     for i in range(n // 32):
-        o = i * TYPE_SIZE + 2
-        a = i * 32
-        s = np.int32(0)
-        for j in range(16):
-            b = np.int32(w[o + j])
-            s = np.int32(s + (b & 15) * np.int32(aq[a + j]) + (b >> 4) * np.int32(aq[a + 16 + j]))
-        s = np.int32(s - 8 * asum[i])
-        total += np.float64(load_f16(w, o - 2) * ad[i]) * np.float64(s)
+        o = i * TYPE_SIZE
+        s = dot_q4_block(w, o + 2, aq, i * 32) - 8 * asum[i]
+        total += np.float64(load_f16(w, o) * ad[i]) * np.float64(s)
     return np.float32(total)

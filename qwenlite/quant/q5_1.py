@@ -12,7 +12,7 @@ from numba import njit
 
 from qwenlite.gguf.constants import GGMLType
 from qwenlite.quant.q5_0 import load_u32, store_u32
-from qwenlite.quant.q8_0 import c_float_to_int8, check_blocks, check_q8_0, load_f16, store_f16
+from qwenlite.quant.q8_0 import c_float_to_int8, check_blocks, check_q8_0, dot_q5_block, load_f16, store_f16
 
 TYPE = GGMLType.Q5_1
 BLOCK_SIZE = 32
@@ -87,14 +87,7 @@ def dot_row(w, aq, ad, asum):
     total = 0.0
     for i in range(n // 32):
         o = i * TYPE_SIZE
-        a = i * 32
-        qh = np.int32(load_u32(w, o + 4))
-        s = np.int32(0)
-        for j in range(16):
-            b = np.int32(w[o + 8 + j])
-            lo = (b & 15) | (((qh >> j) & 1) << 4)
-            hi = (b >> 4) | (((qh >> (j + 16)) & 1) << 4)
-            s = np.int32(s + lo * np.int32(aq[a + j]) + hi * np.int32(aq[a + 16 + j]))
+        s = dot_q5_block(w, o + 8, load_u32(w, o + 4), aq, i * 32)
         da = ad[i]
         total += np.float64(load_f16(w, o) * da) * np.float64(s)
         total += np.float64(load_f16(w, o + 2) * da) * np.float64(asum[i])

@@ -1,0 +1,177 @@
+"""``x @ W^T`` with W kept in its quantized GGUF form: the one kernel every linear layer runs.
+
+How it works (the llama.cpp CPU recipe, in Numba):
+
+1. The activation rows are quantized once per call into the weight's activation format
+   (``ACT`` of the weight's format module: Q8_0 rows for the legacy types, Q8_K rows for the
+   K-quants, plain float32 for F32/F16/BF16), so the inner products run in int32.
+2. One parallel (``prange``) loop over chunks of output rows. Inside a chunk, tokens are visited in
+   tiles and every weight row is dotted with all tokens of the tile while it is hot in cache: during
+   prefill each weight byte comes from memory once per tile instead of once per token. During
+   decode (one token) the loop streams the weight once, which is the bandwidth floor.
+3. The per-type work is the format module's ``dot_row``; the if-chain that picks it tests a
+   loop-invariant integer, one predictable branch per row. Nothing is dequantized into a copy.
+
+Thread count: whatever ``numba.set_num_threads`` the caller set (prange honours it per call).
+"""
+
+import numpy as np
+from numba import njit, prange
+
+from qwenlite import quant
+from qwenlite.errors import QwenliteError
+from qwenlite.gguf.constants import GGMLType
+from qwenlite.quant import bf16, f16, f32, q4_0, q4_k, q5_0, q5_1, q5_k, q6_k, q8_0
+from qwenlite.quant.activation import quantize_q8_0, quantize_q8_k
+
+# Output rows per work item: small enough to balance two threads on the 128-row K/V projections,
+# large enough (with the token tile) that a prefill tile of weight rows stays in L2.
+_ROW_CHUNK = 16
+# Tokens dotted against a weight row while it is in cache; the tile's activations (T*K int8)
+# should stay in L2 as well.
+_TOKEN_TILE = 32
+# Below this many tokens, quantizing the activations serially beats opening a parallel region.
+_PARALLEL_QUANT_MIN_ROWS = 8
+
+_F16 = int(GGMLType.F16)
+_BF16 = int(GGMLType.BF16)
+_Q4_0 = int(GGMLType.Q4_0)
+_Q5_0 = int(GGMLType.Q5_0)
+_Q5_1 = int(GGMLType.Q5_1)
+_Q5_K = int(GGMLType.Q5_K)
+_Q6_K = int(GGMLType.Q6_K)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _dot_q8_0(qtype, w, aq, ad, asum):
+    if qtype == _Q4_0:
+        return q4_0.dot_row(w, aq, ad, asum)
+    if qtype == _Q5_0:
+        return q5_0.dot_row(w, aq, ad, asum)
+    if qtype == _Q5_1:
+        return q5_1.dot_row(w, aq, ad, asum)
+    return q8_0.dot_row(w, aq, ad, asum)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _dot_q8_k(qtype, w, aq, ad, asum):
+    if qtype == _Q6_K:
+        return q6_k.dot_row(w, aq, ad, asum)
+    if qtype == _Q5_K:
+        return q5_k.dot_row(w, aq, ad, asum)
+    return q4_k.dot_row(w, aq, ad, asum)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _dot_f32(qtype, w, x):
+    if qtype == _F16:
+        return f16.dot_row(w, x)
+    if qtype == _BF16:
+        return bf16.dot_row(w, x)
+    return f32.dot_row(w, x)
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def _matmul_q8_0(w, qtype, x, out):
+    T, K = x.shape
+    N = w.shape[0]
+    aq = np.empty((T, K), np.int8)
+    ad = np.empty((T, K // 32), np.float32)
+    asum = np.empty((T, K // 32), np.int32)
+    if T < _PARALLEL_QUANT_MIN_ROWS:
+        for t in range(T):
+            quantize_q8_0(x[t], aq[t], ad[t], asum[t])
+    else:
+        for t in prange(T):
+            quantize_q8_0(x[t], aq[t], ad[t], asum[t])
+    for c in prange((N + _ROW_CHUNK - 1) // _ROW_CHUNK):
+        r0 = c * _ROW_CHUNK
+        r1 = min(N, r0 + _ROW_CHUNK)
+        for t0 in range(0, T, _TOKEN_TILE):
+            t1 = min(T, t0 + _TOKEN_TILE)
+            for r in range(r0, r1):
+                row = w[r]
+                for t in range(t0, t1):
+                    out[t, r] = _dot_q8_0(qtype, row, aq[t], ad[t], asum[t])
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def _matmul_q8_k(w, qtype, x, out):
+    T, K = x.shape
+    N = w.shape[0]
+    aq = np.empty((T, K), np.int8)
+    ad = np.empty((T, K // 256), np.float32)
+    asum = np.empty((T, K // 16), np.int32)
+    if T < _PARALLEL_QUANT_MIN_ROWS:
+        for t in range(T):
+            quantize_q8_k(x[t], aq[t], ad[t], asum[t])
+    else:
+        for t in prange(T):
+            quantize_q8_k(x[t], aq[t], ad[t], asum[t])
+    for c in prange((N + _ROW_CHUNK - 1) // _ROW_CHUNK):
+        r0 = c * _ROW_CHUNK
+        r1 = min(N, r0 + _ROW_CHUNK)
+        for t0 in range(0, T, _TOKEN_TILE):
+            t1 = min(T, t0 + _TOKEN_TILE)
+            for r in range(r0, r1):
+                row = w[r]
+                for t in range(t0, t1):
+                    out[t, r] = _dot_q8_k(qtype, row, aq[t], ad[t], asum[t])
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def _matmul_f32(w, qtype, x, out):
+    T = x.shape[0]
+    N = w.shape[0]
+    for c in prange((N + _ROW_CHUNK - 1) // _ROW_CHUNK):
+        r0 = c * _ROW_CHUNK
+        r1 = min(N, r0 + _ROW_CHUNK)
+        for t0 in range(0, T, _TOKEN_TILE):
+            t1 = min(T, t0 + _TOKEN_TILE)
+            for r in range(r0, r1):
+                row = w[r]
+                for t in range(t0, t1):
+                    out[t, r] = _dot_f32(qtype, row, x[t])
+
+
+def matmul(w: np.ndarray, qtype: int, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``x @ W^T`` for a quantized weight ``w`` (``uint8 [N, row_bytes]``) and ``x`` float32 ``[T, K]``.
+
+    Returns float32 ``[T, N]`` (written into ``out`` when given: float32, C-contiguous, ``[T, N]``).
+    A 1-D ``x`` of length K gives a 1-D result of length N. ``w`` may be a read-only memmap view.
+    Bad shapes or types raise QwenliteError before any kernel runs.
+    """
+    fmt = quant.get_format(qtype)
+    x = np.asarray(x)
+    vector = x.ndim == 1
+    if vector:
+        x = x[None, :]
+    if x.ndim != 2:
+        raise QwenliteError(f"matmul needs activations [T, K], got shape {x.shape}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    T, K = x.shape
+    row_bytes = quant.row_nbytes(qtype, K)
+    w = np.asarray(w)
+    if w.dtype != np.uint8 or w.ndim != 2 or w.shape[1] != row_bytes:
+        raise QwenliteError(
+            f"{fmt.TYPE.name} weight for K={K} must be uint8 [N, {row_bytes}], got {w.dtype} {w.shape}"
+        )
+    w = np.ascontiguousarray(w)
+    N = w.shape[0]
+    if out is None:
+        out = np.empty((T, N), np.float32)
+    else:
+        if vector and out.ndim == 1:
+            out = out[None, :]
+        if out.shape != (T, N) or out.dtype != np.float32 or not out.flags.c_contiguous or not out.flags.writeable:
+            raise QwenliteError(
+                f"matmul out must be writable C-contiguous float32 {(T, N)}, got {out.dtype} {out.shape}"
+            )
+    if T and N:
+        if fmt.ACT == "q8_0":
+            _matmul_q8_0(w, int(fmt.TYPE), x, out)
+        elif fmt.ACT == "q8_k":
+            _matmul_q8_k(w, int(fmt.TYPE), x, out)
+        else:
+            _matmul_f32(w, int(fmt.TYPE), x, out)
+    return out[0] if vector else out
