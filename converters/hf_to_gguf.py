@@ -21,7 +21,6 @@ memory-mapped safetensors and written in chunks (``converters.pipeline``).
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
 from pathlib import Path
@@ -121,11 +120,6 @@ def _part(ckpt: Checkpoint, ref: SourceRef) -> tuple:
     return view, ckpt.entry(ref.hf_name).dtype
 
 
-def _release(ckpt: Checkpoint, names: set[str]) -> None:
-    for name in names:
-        ckpt.release(name)
-
-
 def _sources(ckpt: Checkpoint, cfg: ModelConfig) -> list[SourceTensor]:
     """Validate the checkpoint against the config and list the output tensors in llama.cpp's order."""
     specs = tensor_specs(cfg, ckpt.__contains__)
@@ -141,7 +135,7 @@ def _sources(ckpt: Checkpoint, cfg: ModelConfig) -> list[SourceTensor]:
             s.name,
             s.shape,
             [_part(ckpt, r) for r in s.sources],
-            release=functools.partial(_release, ckpt, {r.hf_name for r in s.sources}),
+            release=ckpt.release,
         )
         for s in llama_cpp_order(specs, ckpt.names())
     ]

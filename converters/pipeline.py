@@ -33,15 +33,15 @@ class SourceTensor:
     ``parts`` are the row blocks that make it up, in order (one for a plain weight, one per expert for
     a stacked expert tensor): ``(view, dtype)`` with ``view`` of shape ``(rows, n)`` or ``(n,)`` and
     dtype ``"F32"``, ``"F16"`` or ``"BF16"`` (raw uint16 bits). ``keep`` is the type used when the
-    tensor is not quantizable (norms, biases, routers); ``release`` lets the source drop the pages it
-    mapped once the tensor is written.
+    tensor is not quantizable (norms, biases, routers); ``release(view)`` is called with each raw
+    chunk once it is quantized, so a memory-mapped source can drop those pages.
     """
 
     name: str
     shape: tuple[int, ...]
     parts: Sequence[tuple[np.ndarray, str]]
     keep: GGMLType = GGMLType.F32
-    release: Callable[[], None] | None = None  # called once the tensor is written (drop its pages)
+    release: Callable[[np.ndarray], None] | None = None
 
     @property
     def n_cols(self) -> int:
@@ -59,7 +59,10 @@ def _float_chunks(src: SourceTensor) -> Iterator[np.ndarray]:
     for view, dtype in src.parts:
         rows = view.reshape(-1, n)
         for r0 in range(0, rows.shape[0], step):
-            yield np.ascontiguousarray(to_float32(rows[r0 : r0 + step], dtype), dtype=np.float32)
+            raw = rows[r0 : r0 + step]
+            yield np.ascontiguousarray(to_float32(raw, dtype), dtype=np.float32)
+            if src.release is not None:
+                src.release(raw)
 
 
 def _encoded_chunks(src: SourceTensor, qtype: GGMLType, progress: Progress) -> Iterator[np.ndarray]:
@@ -105,8 +108,6 @@ def write_model(
         for src, qt in zip(tensors, types):
             bar.begin_tensor(src.name, qt.name)
             writer.write_tensor(src.name, _encoded_chunks(src, qt, bar))
-            if src.release is not None:
-                src.release()
             bar.end_tensor()
         path = writer.finish()
     bar.finish(str(path))

@@ -13,9 +13,7 @@ never needs it whole in memory. Only the float dtypes a Qwen2 checkpoint uses ar
 
 from __future__ import annotations
 
-import contextlib
 import json
-import mmap
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from converters.mapped import MappedFile
 from qwenlite.errors import QwenliteError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
@@ -122,7 +121,7 @@ class SafetensorsFile:
                         f"{self.path.name}: header length {header_len} is impossible for a {size}-byte file"
                     )
                 header_raw = f.read(header_len)
-                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._map: MappedFile | None = MappedFile(self.path)
         except OSError as e:
             raise SafetensorsError(f"cannot read {self.path}: {e.strerror or e}") from e
         try:
@@ -163,26 +162,19 @@ class SafetensorsFile:
                 f"{self.path.name}: tensor {name!r} has dtype {entry.dtype}; only F32, F16 and BF16 can be converted"
             )
         count = entry.nbytes // _DTYPE_SIZES[entry.dtype]
-        return np.frombuffer(self._mmap, dtype=np_dtype, count=count, offset=entry.start).reshape(entry.shape)
+        if self._map is None:
+            raise SafetensorsError(f"{self.path.name} is closed")
+        return self._map.view(np_dtype, count, entry.start).reshape(entry.shape)
 
-    def release(self, name: str) -> None:
-        """Drop the pages of a tensor that has been consumed from this process's resident set.
-
-        The mapping is read-only and file-backed, so this only costs a re-read if the tensor is used
-        again; it keeps a conversion's RSS near one tensor instead of growing to the whole checkpoint.
-        """
-        entry = self.tensors.get(name)
-        if entry is None or self._mmap is None or entry.nbytes == 0 or not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        start = entry.start - entry.start % mmap.PAGESIZE
-        self._mmap.madvise(mmap.MADV_DONTNEED, start, entry.end - start)
+    def release(self, view: np.ndarray) -> bool:
+        """Drop the pages under a consumed view from ``raw`` (see ``converters.mapped``)."""
+        return self._map is not None and self._map.release(view)
 
     def close(self) -> None:
-        mm = getattr(self, "_mmap", None)
-        if mm is not None:
-            self._mmap = None
-            with contextlib.suppress(BufferError):  # views still alive: it closes when they are collected
-                mm.close()
+        mapped = getattr(self, "_map", None)
+        if mapped is not None:
+            self._map = None
+            mapped.close()
 
     def __enter__(self) -> SafetensorsFile:
         return self
@@ -277,11 +269,11 @@ class Checkpoint:
             raise SafetensorsError(f"{self.dir.name}: checkpoint has no tensor {name!r}")
         return f.raw(name)
 
-    def release(self, name: str) -> None:
+    def release(self, view: np.ndarray) -> None:
         """See ``SafetensorsFile.release``."""
-        f = self._where.get(name)
-        if f is not None:
-            f.release(name)
+        for f in self._files:
+            if f.release(view):
+                return
 
     def float32(self, name: str) -> np.ndarray:
         """The whole tensor as float32 (zero-copy for F32 files)."""
