@@ -46,6 +46,9 @@ def _f32_as_u32(typingctx, value):  # noqa: ARG001 - signature fixed by numba
     return sig, codegen
 
 
+_TWO_POW_112 = np.float32(2.0**112)
+
+
 @njit(cache=True)
 def f32_as_u32(x: np.float32) -> np.uint32:
     """Bit pattern of a float32."""
@@ -93,18 +96,21 @@ def f32_to_f16_bits(x: np.float32) -> np.uint16:
 
 @njit(cache=True)
 def f16_bits_to_f32(h: np.uint16) -> np.float32:
-    """Exact float32 value of an f16 bit pattern (every f16 is representable in float32)."""
+    """Exact float32 value of an f16 bit pattern (every f16 is representable in float32).
+
+    Branch-free because every quant block pays for one or two of these in the dot kernels: the
+    exponent and mantissa bits shifted into float32 position read as 2**-112 times the value
+    (subnormal halves become float32 subnormals with the same property), so one exact
+    multiplication by 2**112 rebiases them; only inf/NaN (exponent 31) need their exponent forced.
+    """
     hb = np.uint32(h)
     sign = (hb & np.uint32(0x8000)) << np.uint32(16)
-    exp = (hb >> np.uint32(10)) & np.uint32(0x1F)
-    mant = hb & np.uint32(0x3FF)
-    if exp == np.uint32(0):
-        # Zero or subnormal: mant * 2**-24 is exact in float32.
-        mag = np.float32(mant) * np.float32(5.9604644775390625e-08)
-        return _u32_as_f32(_f32_as_u32(mag) | sign)
-    if exp == np.uint32(31):
-        return _u32_as_f32(sign | np.uint32(0x7F800000) | (mant << np.uint32(13)))
-    return _u32_as_f32(sign | ((exp + np.uint32(112)) << np.uint32(23)) | (mant << np.uint32(13)))
+    body = (hb & np.uint32(0x7FFF)) << np.uint32(13)
+    value = _u32_as_f32(body) * _TWO_POW_112
+    bits = _f32_as_u32(value)
+    if body >= np.uint32(0x0F800000):
+        bits = body | np.uint32(0x7F800000)
+    return _u32_as_f32(bits | sign)
 
 
 @njit(cache=True)

@@ -96,6 +96,6 @@ def dot_row(w, aq, ad, asum):
     total = 0.0
     for i in range(n // 32):
         o = i * TYPE_SIZE
-        s = dot_q5_block(w, o + 6, load_u32(w, o + 2), aq, i * 32) - 16 * asum[i]
+        s = dot_q5_block(w, o + 2, aq, i * 32) - 16 * asum[i]
         total += np.float64(load_f16(w, o) * ad[i]) * np.float64(s)
     return np.float32(total)

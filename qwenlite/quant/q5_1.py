@@ -87,7 +87,7 @@ def dot_row(w, aq, ad, asum):
     total = 0.0
     for i in range(n // 32):
         o = i * TYPE_SIZE
-        s = dot_q5_block(w, o + 8, load_u32(w, o + 4), aq, i * 32)
+        s = dot_q5_block(w, o + 4, aq, i * 32)
         da = ad[i]
         total += np.float64(load_f16(w, o) * da) * np.float64(s)
         total += np.float64(load_f16(w, o + 2) * da) * np.float64(asum[i])

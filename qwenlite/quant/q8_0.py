@@ -154,20 +154,23 @@ def dot_q4_block(typingctx, w, wo, a, ao):  # noqa: ARG001 - signature fixed by 
 
 
 @intrinsic
-def dot_q5_block(typingctx, w, wo, qh, a, ao):  # noqa: ARG001 - signature fixed by numba
-    """sum_{j<32} q_j * a[ao+j] for 5-bit values: nibbles in w[wo:wo+16], bit j of ``qh`` adds 16."""
-    if not _check_dot_args(w, a) or not isinstance(qh, types.Integer):
+def dot_q5_block(typingctx, w, wo, a, ao):  # noqa: ARG001 - signature fixed by numba
+    """sum_{j<32} q_j * a[ao+j] for a Q5 block body at w[wo:]: little-endian uint32 ``qh`` (bit j
+    adds 16 to value j), then 16 bytes of nibbles (legacy order). Values are 0..31."""
+    if not _check_dot_args(w, a):
         return None
 
     def codegen(context, builder, sig, args):
-        packed = _load_vector(context, builder, sig.args[0], args[0], sig.args[1], args[1], _V16I8)
-        av = _load_vector(context, builder, sig.args[3], args[3], sig.args[4], args[4], _V32I8)
-        qh32 = context.cast(builder, args[2], sig.args[2], types.uint32)
-        bits = builder.bitcast(qh32, ir.VectorType(ir.IntType(1), 32))
+        qh = _load_vector(context, builder, sig.args[0], args[0], sig.args[1], args[1], _I32)
+        intp = context.get_value_type(types.intp)
+        qs_off = builder.add(context.cast(builder, args[1], sig.args[1], types.intp), ir.Constant(intp, 4))
+        packed = _load_vector(context, builder, sig.args[0], args[0], types.intp, qs_off, _V16I8)
+        av = _load_vector(context, builder, sig.args[2], args[2], sig.args[3], args[3], _V32I8)
+        bits = builder.bitcast(qh, ir.VectorType(ir.IntType(1), 32))
         fifth = builder.select(bits, ir.Constant(_V32I8, [16] * 32), ir.Constant(_V32I8, [0] * 32))
         return _sum_products(builder, builder.or_(_nibbles(builder, packed), fifth), av, False)
 
-    return types.int32(w, wo, qh, a, ao), codegen
+    return types.int32(w, wo, a, ao), codegen
 
 
 @njit(cache=True, error_model="numpy")
