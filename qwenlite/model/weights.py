@@ -20,9 +20,14 @@ def _check(f: GGUFFile, t: TensorInfo, shape: tuple[int, ...]) -> None:
 
 
 def vector(f: GGUFFile, name: str, n: int) -> np.ndarray:
-    """A 1-D float tensor (norm weight, bias) as float32."""
+    """A 1-D float tensor (norm weight, bias) as float32.
+
+    ggml ignores trailing 1s of ``ne``, and converters write e.g. the shared-expert gate as ne ``[n, 1]``
+    (numpy ``(1, n)``), so leading 1s of the numpy shape are accepted.
+    """
     t = f.tensor(name)
-    _check(f, t, (n,))
+    ones = (1,) * (len(t.shape) - 1)
+    _check(f, t, (*ones, n) if t.shape[:-1] == ones else (n,))
     return quant.dequantize(t.rows().reshape(1, -1), t.qtype, n)[0]
 
 
