@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import struct
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from converters.mapped import MappedFile
 from converters.mixes import FILE_TYPES, file_type
 from converters.pipeline import SourceTensor, write_model
 from qwenlite.errors import QwenliteError
-from qwenlite.gguf.constants import GGMLType, GGUFValueType
+from qwenlite.gguf.constants import GGMLType
 from qwenlite.gguf.reader import GGUFFile, TensorInfo
 from qwenlite.gguf.writer import GGUFWriter
 
@@ -28,58 +27,11 @@ _FLOAT_VIEWS = {GGMLType.F32: ("<f4", "F32"), GGMLType.F16: ("<f2", "F16"), GGML
 _SKIP_KEYS = {"general.file_type", "general.alignment"}
 
 
-_SCALAR_SIZES = {
-    GGUFValueType.UINT8: 1, GGUFValueType.INT8: 1, GGUFValueType.BOOL: 1,
-    GGUFValueType.UINT16: 2, GGUFValueType.INT16: 2,
-    GGUFValueType.UINT32: 4, GGUFValueType.INT32: 4, GGUFValueType.FLOAT32: 4,
-    GGUFValueType.UINT64: 8, GGUFValueType.INT64: 8, GGUFValueType.FLOAT64: 8,
-}  # fmt: skip
-
-
-def _metadata_types(path: Path) -> dict[str, tuple[GGUFValueType, GGUFValueType | None]]:
-    """The stored GGUF type of every key (and array element type).
-
-    qwenlite's reader returns plain Python values, so an int could have been u32, i32 or u64; a
-    faithful copy needs the stored type. This walks the key/value section once more, skipping the
-    values. It runs after ``GGUFFile`` has validated the same header, so every length is in bounds.
-    """
-    mapped = MappedFile(path)
-    try:
-        buf = memoryview(mapped.view("u1", mapped.size, 0))
-        n_kv = struct.unpack_from("<Q", buf, 16)[0]
-        pos = 24
-        out: dict[str, tuple[GGUFValueType, GGUFValueType | None]] = {}
-        for _ in range(n_kv):
-            (klen,) = struct.unpack_from("<Q", buf, pos)
-            key = bytes(buf[pos + 8 : pos + 8 + klen]).decode("utf-8")
-            vtype = GGUFValueType(struct.unpack_from("<I", buf, pos + 8 + klen)[0])
-            pos += 12 + klen
-            elem = None
-            if vtype == GGUFValueType.ARRAY:
-                etype, count = struct.unpack_from("<IQ", buf, pos)
-                elem = GGUFValueType(etype)
-                pos += 12
-                if elem == GGUFValueType.ARRAY:
-                    raise QwenliteError(f"metadata {key!r}: nested arrays cannot be copied")
-                if elem == GGUFValueType.STRING:
-                    for _ in range(count):
-                        pos += 8 + struct.unpack_from("<Q", buf, pos)[0]
-                else:
-                    pos += count * _SCALAR_SIZES[elem]
-            elif vtype == GGUFValueType.STRING:
-                pos += 8 + struct.unpack_from("<Q", buf, pos)[0]
-            else:
-                pos += _SCALAR_SIZES[vtype]
-            out[key] = (vtype, elem)
-        del buf
-        return out
-    finally:
-        mapped.close()
 
 
 def _copy_metadata(src: GGUFFile, w: GGUFWriter, new_file_type: int) -> None:
     """Copy every key with its original GGUF type; ``general.file_type`` becomes the new type."""
-    types = _metadata_types(src.path)
+    types = src.metadata_types
     for key, value in src.metadata.items():
         if key == "general.file_type":
             w.add_uint32(key, new_file_type)

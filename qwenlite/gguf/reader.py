@@ -201,12 +201,18 @@ class GGUFFile:
             raise GGUFError(f"{self.path}: header claims {n_kv} keys and {n_tensors} tensors: corrupt file")
 
         self.metadata: dict[str, Any] = {}
+        # The stored type of each key (and of its array elements): a faithful copy of the metadata
+        # into another file needs it, since a Python int could have been u32, i32 or u64.
+        self.metadata_types: dict[str, tuple[GGUFValueType, GGUFValueType | None]] = {}
         for _ in range(n_kv):
             key = cur.string("metadata key", MAX_NAME_BYTES)
             vtype = cur.scalar("<I", f"type of {key!r}")
             if key in self.metadata:
                 raise GGUFError(f"{self.path}: duplicate metadata key {key!r}")
+            array_start = cur.pos
             self.metadata[key] = cur.value(vtype, key)
+            elem = struct.unpack_from("<I", buf, array_start)[0] if vtype == GGUFValueType.ARRAY else None
+            self.metadata_types[key] = (GGUFValueType(vtype), None if elem is None else GGUFValueType(elem))
 
         alignment = self.metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
         if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
