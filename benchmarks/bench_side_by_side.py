@@ -31,6 +31,7 @@ from tests.peer import PEER_PYTHON, PEER_WORKER, peer_available, run_worker
 
 DEFAULT_MODELS = ["qwen2.5-coder-0.5b-instruct-q4_k_m", "qwen2.5-coder-1.5b-instruct-q4_k_m"]
 TTFT_PROMPT = "Write a haiku about the sea."
+GNU_TIME = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
 
 
 @dataclass
@@ -77,20 +78,21 @@ def thread_env(threads: int) -> dict[str, str]:
 def run_measured(cmd: list[str], env: dict[str, str]) -> tuple[float, int, str]:
     """(wall seconds from spawn to exit, peak RSS bytes, stdout) of one child process.
 
-    ``os.wait4`` gives the rusage of exactly this child, unlike RUSAGE_CHILDREN's running maximum.
+    The RSS comes from GNU time, not from ``os.wait4`` here: Python spawns children with vfork, and
+    Linux carries the pre-exec high-water mark (this benchmark process's own RSS) into the child's
+    ``ru_maxrss``. GNU time's own child starts from a tiny process, so its number is the command's.
     """
-    t0 = time.perf_counter()
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
+    with tempfile.TemporaryDirectory() as tmp:
+        rss_file = Path(tmp) / "maxrss"
+        full = [GNU_TIME, "-f", "%M", "-o", str(rss_file), *cmd] if GNU_TIME else cmd
+        t0 = time.perf_counter()
+        proc = subprocess.run(full, env=env, capture_output=True, text=True, errors="replace")
         wall = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}): {stderr.strip()[-1500:]}")
-    return wall, usage.ru_maxrss * 1024, stdout
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}): "
+                               f"{proc.stderr.strip()[-1500:]}")
+        rss = int(rss_file.read_text().split()[-1]) * 1024 if GNU_TIME else 0
+    return wall, rss, proc.stdout
 
 
 def qwenlite_rep(path: Path, n_prompt: int, n_gen: int, threads: int) -> tuple[float, float]:
@@ -187,7 +189,9 @@ def render(results: list[ModelResult], bw: float, args: argparse.Namespace) -> s
         f"{args.threads} threads on both sides, {args.reps} repetitions each, interleaved ABBA, one "
         "process per repetition, each with its own untimed warm-up; model loading is not timed. "
         "llama.cpp is llama-cpp-python 0.3.36 (vendored llama.cpp, built with GGML_NATIVE=ON). "
-        "tok/s as mean ± standard deviation.",
+        "tok/s as mean ± standard deviation. "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')} (both runtimes use OpenMP threads; "
+        "`passive` stops idle threads spinning, which matters when the cores are oversubscribed).",
         "",
         f"| model | file MB | qwenlite pp{args.n_prompt} | llama.cpp pp{args.n_prompt} | ratio | "
         f"qwenlite tg{args.n_gen} | llama.cpp tg{args.n_gen} | ratio |",

@@ -18,17 +18,26 @@ import numpy as np
 CHUNK = 1 << 16
 
 
-@numba.njit(parallel=True, fastmath=True, cache=True)
+@numba.njit(fastmath=True, cache=True, inline="never")
+def _block_sum(b: np.ndarray) -> float:
+    """Vectorized sum of one contiguous block.
+
+    A separate function over a slice, not ``a[base + i]`` inside the prange body: Numba cannot
+    prove that index non-negative there, keeps the wraparound check and does not vectorize (5x slower).
+    """
+    acc = np.float32(0.0)
+    for i in range(b.size):
+        acc += b[i]
+    return acc
+
+
+@numba.njit(parallel=True, cache=True)
 def _chunked_sum(a: np.ndarray) -> float:
     """Sum of ``a`` in independent chunks so threads stream disjoint ranges."""
     n_chunks = a.size // CHUNK
     partial = np.zeros(n_chunks, dtype=np.float32)
     for c in numba.prange(n_chunks):
-        acc = np.float32(0.0)
-        base = c * CHUNK
-        for i in range(CHUNK):
-            acc += a[base + i]
-        partial[c] = acc
+        partial[c] = _block_sum(a[c * CHUNK : (c + 1) * CHUNK])
     return partial.sum()
 
 
