@@ -27,11 +27,35 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return out
 
 
-def rope_tables(n_ctx: int, head_dim: int, base: float) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin ``[n_ctx, head_dim/2]`` for NEOX RoPE, computed like HF (float32 inverse frequencies)."""
-    inv_freq = (1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim)))
+def rope_tables(
+    n_ctx: int, head_dim: int, base: float, scaling: str = "none", factor: float = 1.0, orig_ctx: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin ``[n_ctx, head_dim/2]`` for NEOX RoPE, computed like HF (float32 inverse frequencies).
+
+    ``scaling`` "linear" divides every frequency by ``factor``; "yarn" (Qwen2-57B-A14B beyond 32k)
+    interpolates only the low frequencies, with a linear ramp between the dimensions that rotate 32
+    and 1 times over the original context, and scales cos/sin by 0.1 ln(factor) + 1.
+    """
+    inv_freq = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
+    inv_freq = inv_freq.astype(np.float32)
+    attn_factor = 1.0
+    if scaling == "linear":
+        inv_freq = inv_freq / np.float32(factor)
+    elif scaling == "yarn" and factor > 1.0:
+
+        def correction_dim(rotations: float) -> float:
+            return head_dim * math.log(orig_ctx / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low = max(math.floor(correction_dim(32.0)), 0)
+        high = min(math.ceil(correction_dim(1.0)), head_dim - 1)
+        ramp = np.clip((np.arange(head_dim // 2, dtype=np.float32) - low) / max(high - low, 0.001), 0, 1)
+        extrapolate = (1 - ramp).astype(np.float32)
+        inv_freq = (inv_freq / np.float32(factor)) * (1 - extrapolate) + inv_freq * extrapolate
+        attn_factor = 0.1 * math.log(factor) + 1.0
     angles = np.outer(np.arange(n_ctx, dtype=np.float32), inv_freq.astype(np.float32))
-    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    return (np.cos(angles) * np.float32(attn_factor)).astype(np.float32), (
+        np.sin(angles) * np.float32(attn_factor)
+    ).astype(np.float32)
 
 
 @njit(cache=True, parallel=True)

@@ -27,6 +27,9 @@ class ModelConfig:
     n_ctx_train: int
     rope_base: float
     norm_eps: float
+    rope_scaling: str = "none"
+    rope_factor: float = 1.0
+    rope_orig_ctx: int = 0
     # Qwen2-MoE only (n_expert == 0 for dense models).
     n_expert: int = 0
     n_expert_used: int = 0
@@ -55,9 +58,13 @@ class ModelConfig:
         head_dim = int(f.get(f"{arch}.attention.key_length", n_embd // n_head))
         if head_dim <= 0 or head_dim % 2 or n_head_kv <= 0 or n_head % n_head_kv:
             raise GGUFError(f"{f.path}: {n_head} heads / {n_head_kv} kv heads of size {head_dim} do not fit d={n_embd}")
-        scaling = f.get(f"{arch}.rope.scaling.type", "none")
-        if scaling not in ("none", "linear") and scaling is not None:
-            raise GGUFError(f"{f.path}: rope scaling {scaling!r} is not supported yet")
+        scaling = f.get(f"{arch}.rope.scaling.type", "none") or "none"
+        if scaling not in ("none", "linear", "yarn"):
+            raise GGUFError(f"{f.path}: rope scaling {scaling!r} is not supported (none, linear, yarn)")
+        factor = float(f.get(f"{arch}.rope.scaling.factor", 1.0))
+        orig_ctx = int(f.get(f"{arch}.rope.scaling.original_context_length", 0))
+        if scaling != "none" and (factor <= 0 or (scaling == "yarn" and orig_ctx <= 0)):
+            raise GGUFError(f"{f.path}: rope scaling {scaling} needs a positive factor and original context length")
         tokens = f.get("tokenizer.ggml.tokens")
         embd = f.tensors.get("token_embd.weight")
         n_vocab = embd.shape[0] if embd is not None else len(tokens or [])
@@ -73,6 +80,9 @@ class ModelConfig:
             n_ctx_train=need_int("context_length"),
             rope_base=float(f.get(f"{arch}.rope.freq_base", 10000.0)),
             norm_eps=float(f.require(f"{arch}.attention.layer_norm_rms_epsilon", (float, int))),
+            rope_scaling=scaling,
+            rope_factor=factor,
+            rope_orig_ctx=orig_ctx,
         )
         if arch == "qwen2moe":
             n_expert = need_int("expert_count")

@@ -60,7 +60,8 @@ class Qwen2:
         self.out_norm = vector(f, "output_norm.weight", cfg.n_embd)
         tied = "output.weight" not in f.tensors
         self.output = self.embed if tied else Linear.load(f, "output", cfg.n_embd, cfg.n_vocab)
-        self.cos, self.sin = rope_tables(n_ctx, cfg.head_dim, cfg.rope_base)
+        self.cos, self.sin = rope_tables(n_ctx, cfg.head_dim, cfg.rope_base, cfg.rope_scaling, cfg.rope_factor,
+                                         cfg.rope_orig_ctx)
 
     def forward(self, ids: np.ndarray, cache: KVCache, pos0: int, all_logits: bool = False) -> np.ndarray:
         """Logits ``[T, n_vocab]`` (or ``[1, n_vocab]`` for the last token) of ``ids`` at positions pos0.."""
