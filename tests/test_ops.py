@@ -1,0 +1,108 @@
+"""The transformer ops against plain numpy / transformers references, and a YaRN model end to end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hf_fixtures import make_qwen2_checkpoint
+from transformers import Qwen2Config
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+from converters.hf_to_gguf import convert
+from qwenlite.kernels.ops import attention, rms_norm, rope_neox, rope_tables, store_kv, swiglu
+
+RNG = np.random.default_rng(0)
+
+
+def test_rms_norm() -> None:
+    x = RNG.standard_normal((5, 96)).astype(np.float32)
+    w = RNG.standard_normal(96).astype(np.float32)
+    ref = x / np.sqrt((x.astype(np.float64) ** 2).mean(1, keepdims=True) + 1e-6) * w
+    np.testing.assert_allclose(rms_norm(x, w, 1e-6), ref, rtol=2e-6, atol=2e-6)
+
+
+def test_swiglu() -> None:
+    g, u = RNG.standard_normal((2, 3, 70)).astype(np.float32)
+    ref = g / (1 + np.exp(-g.astype(np.float64))) * u
+    np.testing.assert_allclose(swiglu(g, u), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("rope", "factor", "orig"), [("default", 1.0, 0), ("linear", 4.0, 0), ("yarn", 4.0, 32768), ("yarn", 2.0, 512)]
+)
+def test_rope_tables_match_transformers(rope: str, factor: float, orig: int) -> None:
+    params = {"rope_type": rope, "rope_theta": 1e6}
+    if rope != "default":
+        params |= {"factor": factor, "original_max_position_embeddings": orig or 32768}
+    cfg = Qwen2Config(hidden_size=896, num_attention_heads=14, max_position_embeddings=131072, rope_parameters=params)
+    if rope == "default":
+        inv_freq = 1.0 / (1e6 ** (torch.arange(0, 64, 2, dtype=torch.int64).float() / 64))
+        attn_factor = 1.0
+    else:
+        inv_freq, attn_factor = ROPE_INIT_FUNCTIONS[rope](cfg, "cpu")
+    cos, sin = rope_tables(70000, 64, 1e6, "none" if rope == "default" else rope, factor, orig)
+    # Both sides work in float32: an ulp of difference in one frequency (two pow implementations) moves
+    # the angle by position x ulp, and angles of ~7e4 rad carry ~4e-3 of rounding, so the tolerance grows
+    # with the position. A wrong formula (scaling, ramp, mscale) is off by far more than these.
+    for step, stop, atol in ((7, 4096, 3e-5), (997, 70000, 5e-4)):
+        pos = torch.arange(0, stop, step, dtype=torch.float32)
+        ang = pos[:, None] * inv_freq[None, :].float()
+        np.testing.assert_allclose(cos[:stop:step], (ang.cos() * attn_factor).numpy(), atol=atol)
+        np.testing.assert_allclose(sin[:stop:step], (ang.sin() * attn_factor).numpy(), atol=atol)
+
+
+def test_rope_neox_matches_transformers() -> None:
+    T, H, hd = 6, 3, 16
+    x = RNG.standard_normal((T, H * hd)).astype(np.float32)
+    cos, sin = rope_tables(64, hd, 10000.0)
+    ours = x.copy()
+    rope_neox(ours, H, 5, cos, sin)
+    c = torch.from_numpy(np.concatenate([cos[5 : 5 + T]] * 2, axis=1))[None]
+    s = torch.from_numpy(np.concatenate([sin[5 : 5 + T]] * 2, axis=1))[None]
+    q = torch.from_numpy(x.reshape(T, H, hd).transpose(1, 0, 2).copy())[None]
+    ref, _ = apply_rotary_pos_emb(q, q, c, s)
+    np.testing.assert_allclose(ours, ref[0].numpy().transpose(1, 0, 2).reshape(T, H * hd), atol=1e-5)
+
+
+def test_causal_gqa_attention_over_cache() -> None:
+    n_head, n_kv, hd, n_ctx, pos0, T = 6, 2, 8, 32, 4, 5
+    k_cache = np.zeros((n_kv, n_ctx, hd), np.float32)
+    v_cache = np.zeros_like(k_cache)
+    keys = RNG.standard_normal((pos0 + T, n_kv * hd)).astype(np.float32)
+    vals = RNG.standard_normal((pos0 + T, n_kv * hd)).astype(np.float32)
+    store_kv(k_cache, keys, 0)
+    store_kv(v_cache, vals, 0)
+    q = RNG.standard_normal((T, n_head * hd)).astype(np.float32)
+    out = attention(q, k_cache, v_cache, pos0, n_head)
+    for t in range(T):
+        for h in range(n_head):
+            kv = h // (n_head // n_kv)
+            k = keys[: pos0 + t + 1, kv * hd : (kv + 1) * hd].astype(np.float64)
+            v = vals[: pos0 + t + 1, kv * hd : (kv + 1) * hd].astype(np.float64)
+            s = k @ q[t, h * hd : (h + 1) * hd] / np.sqrt(hd)
+            p = np.exp(s - s.max())
+            ref = (p / p.sum()) @ v
+            np.testing.assert_allclose(out[t, h * hd : (h + 1) * hd], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_yarn_model_equals_transformers(tmp_path: Path) -> None:
+    """A checkpoint with YaRN scaling: converted, loaded, and run past its original context."""
+    import qwenlite
+
+    rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16}
+    hf_dir = make_qwen2_checkpoint(tmp_path, rope_parameters=rope, max_position_embeddings=64)
+    out = convert(hf_dir, tmp_path / "yarn.gguf", "f32", progress=False)
+    from transformers import Qwen2ForCausalLM
+
+    hf = Qwen2ForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    ids = list(RNG.integers(0, 300, 40))
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].numpy()
+    with qwenlite.load(out) as m:
+        assert m.config.rope_scaling == "yarn" and m.config.rope_orig_ctx == 16
+        ours = m.logits(ids)
+    np.testing.assert_allclose(ours, ref, atol=1e-4 * np.abs(ref).max())
