@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +48,8 @@ SHAPES = {
     "qwen2-57b-a14b": MoEShape(28, 3584, 28, 4, 64, 8, 2560, 20480, 18944, 32768),
 }
 
-# Byte offsets of the f16 scale fields in each block, and the scale that gives weights of std ~0.02.
+# Byte offsets of the f16 scale fields in each block, and the scale that gives weights of std ~0.02
+# (``random_data`` multiplies them by the tensor's own std / 0.02).
 _SCALE_FIELDS: dict[GGMLType, tuple[tuple[int, float], ...]] = {
     GGMLType.Q4_0: ((0, 0.02 / 4.6),),
     GGMLType.Q5_0: ((0, 0.02 / 9.2),),
@@ -80,7 +81,7 @@ def tensor_shapes(s: MoEShape) -> list[tuple[str, tuple[int, ...]]]:
             (f"{p}.ffn_gate_exps.weight", (s.n_expert, s.n_ff_expert, d)),
             (f"{p}.ffn_up_exps.weight", (s.n_expert, s.n_ff_expert, d)),
             (f"{p}.ffn_down_exps.weight", (s.n_expert, d, s.n_ff_expert)),
-            (f"{p}.ffn_gate_inp_shexp.weight", (d,)),
+            (f"{p}.ffn_gate_inp_shexp.weight", (1, d)),  # as HF's shared_expert_gate [1, d], like the converter
             (f"{p}.ffn_gate_shexp.weight", (s.n_ff_shared, d)),
             (f"{p}.ffn_up_shexp.weight", (s.n_ff_shared, d)),
             (f"{p}.ffn_down_shexp.weight", (d, s.n_ff_shared)),
@@ -88,48 +89,74 @@ def tensor_shapes(s: MoEShape) -> list[tuple[str, tuple[int, ...]]]:
     return out + [("output_norm.weight", (d,)), ("output.weight", (s.n_vocab, d))]
 
 
-def random_data(name: str, shape: tuple[int, ...], qtype: GGMLType, rng: np.random.Generator) -> np.ndarray:
-    """Valid random data for one tensor (norms 1, biases 0, float weights N(0, 0.02))."""
+def weight_std(name: str, n_layer: int) -> float:
+    """Standard deviation of a weight tensor's values.
+
+    With every weight at 0.02 the residual stream of a random model fills up with the attention
+    branch's running average, which is nearly the same at every position, and the router then sends
+    all tokens to the same few experts, unlike a real model (and unfair to a prefill benchmark). So
+    the embedding is larger and the projections that write into the residual stream are scaled down
+    by sqrt(2 n_layer) (GPT-2's init): each token's own embedding keeps steering its routing.
+    """
+    if name == "token_embd.weight":
+        return 0.1
+    if name.endswith(("attn_output.weight", "ffn_down.weight", "ffn_down_exps.weight", "ffn_down_shexp.weight")):
+        return 0.02 / float(np.sqrt(2 * n_layer))
+    return 0.02
+
+
+def random_data(
+    name: str, shape: tuple[int, ...], qtype: GGMLType, rng: np.random.Generator, std: float = 0.02
+) -> np.ndarray:
+    """Valid random data for one tensor (norms 1, biases 0, weights of mean 0 and std ``std``)."""
     n = int(np.prod(shape))
     if qtype == GGMLType.F32:
         if name.endswith("_norm.weight"):
             return np.ones(n, np.float32)
         if name.endswith(".bias"):
             return np.zeros(n, np.float32)
-        return (rng.standard_normal(n, dtype=np.float32) * np.float32(0.02)).astype(np.float32)
+        return (rng.standard_normal(n, dtype=np.float32) * np.float32(std)).astype(np.float32)
     if qtype in (GGMLType.F16, GGMLType.BF16):
-        x = rng.standard_normal((n // shape[-1], shape[-1]), dtype=np.float32) * np.float32(0.02)
+        x = rng.standard_normal((n // shape[-1], shape[-1]), dtype=np.float32) * np.float32(std)
         return quant.quantize(x, qtype)
     fmt = quant.FORMATS[qtype]
     blocks = np.frombuffer(rng.bytes(n // fmt.BLOCK_SIZE * fmt.TYPE_SIZE), np.uint8).reshape(-1, fmt.TYPE_SIZE)
     blocks = blocks.copy()
     for offset, scale in _SCALE_FIELDS[qtype]:
-        blocks[:, offset : offset + 2] = np.frombuffer(np.float16(scale).tobytes(), np.uint8)
+        blocks[:, offset : offset + 2] = np.frombuffer(np.float16(scale * std / 0.02).tobytes(), np.uint8)
     return blocks
 
 
 def write_synthetic(
-    shape_name: str,
+    shape_name: str | MoEShape,
     out: Path,
     ftype: str = "q4_k_m",
     vocab_from: Path | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> Path:
-    """Write the synthetic model ``shape_name`` to ``out``; the tokenizer comes from ``vocab_from``."""
-    if shape_name not in SHAPES:
+    """Write the synthetic model ``shape_name`` (a name in SHAPES, or a shape) to ``out``; the tokenizer
+    comes from ``vocab_from``."""
+    if isinstance(shape_name, MoEShape):
+        s, shape_name = shape_name, "custom"
+    elif shape_name in SHAPES:
+        s = SHAPES[shape_name]
+    else:
         raise QwenliteError(f"unknown shape {shape_name!r}; choose one of {', '.join(SHAPES)}")
-    s = SHAPES[shape_name]
     ft = file_type(ftype)
     if vocab_from is None:
         from qwenlite import hub
 
         vocab_from = hub.resolve_model(None, progress=progress)
-    tensors = tensor_shapes(s)
-    types = [t or GGMLType.F32 for t in choose_types(tensors, ft, s.n_layer, s.n_expert)]
     rng = np.random.default_rng(seed)
     a = "qwen2moe"
     with GGUFFile(vocab_from) as src, GGUFWriter(out) as w:
+        tokens = src.get("tokenizer.ggml.tokens")
+        if not tokens:
+            raise QwenliteError(f"{vocab_from} has no tokenizer to copy")
+        s = replace(s, n_vocab=len(tokens))  # the embedding rows follow the vocabulary actually copied
+        tensors = tensor_shapes(s)
+        types = [t or GGMLType.F32 for t in choose_types(tensors, ft, s.n_layer, s.n_expert)]
         w.add_string("general.architecture", a)
         w.add_string("general.name", f"synthetic {shape_name} (random weights)")
         for key, value in {
@@ -162,7 +189,7 @@ def write_synthetic(
         w.begin_data()
         for (name, shp), qt in zip(tensors, types):
             bar.begin_tensor(name, qt.name)
-            data = random_data(name, shp, qt, rng)
+            data = random_data(name, shp, qt, rng, weight_std(name, s.n_layer))
             w.write_tensor(name, [data])
             bar.advance(data.nbytes)
             bar.end_tensor()

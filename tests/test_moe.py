@@ -39,7 +39,9 @@ from hf_fixtures import make_qwen2moe_checkpoint
 from safetensors.torch import load_file, save_file
 
 from converters.hf_to_gguf import convert
+from qwenlite.gguf.reader import GGUFFile
 from qwenlite.model.ffn import DenseFFN, MoEFFN
+from tests.peer import llama_logits, requires_peer
 
 LOGIT_GAIN = 4.0
 N_POSITIONS = 24  # tokens per prompt: enough positions for a rate, cheap on 2 cores
@@ -402,3 +404,78 @@ def test_prefill_runs_each_expert_once_over_its_tokens(case: Case) -> None:
             assert calls == list(zip(picked.tolist(), counts.tolist())), f"layer {layer}"
             want_bytes += len(picked) * _expert_bytes(ffn)
         assert rec.bytes_read() == want_bytes
+
+
+# Synthetic full-size files (converters/synthetic.py) at a tiny shape: the real Qwen vocabulary, the
+# Q4_K_M mix's types, random valid blocks. Expert ffn 384 is not a multiple of 256 (like A2.7B's 1408).
+TINY_SHAPE = dict(
+    n_layer=2, n_embd=256, n_head=4, n_head_kv=2, n_expert=8, n_expert_used=2, n_ff_expert=384,
+    n_ff_shared=512, n_ff=512, n_ctx=128,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def synthetic_file(tmp_path_factory: pytest.TempPathFactory, real_model_path: Path) -> Path:
+    from converters.synthetic import MoEShape, write_synthetic
+
+    out = tmp_path_factory.mktemp("synthetic") / "tiny-moe-q4_k_m.gguf"
+    return write_synthetic(MoEShape(**TINY_SHAPE), out, "q4_k_m", vocab_from=real_model_path, progress=False)
+
+
+def test_synthetic_file_has_the_mix_types_and_sane_weights(synthetic_file: Path, real_model_path: Path) -> None:
+    """Types follow the converter's Q4_K_M rules; gguf-py dequantizes every block to finite weights of
+    the intended std (so the scale-field offsets are right for each type); the vocabulary is the source's."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    from converters.mixes import choose_types
+    from converters.synthetic import MoEShape, tensor_shapes, weight_std
+
+    shape = MoEShape(**TINY_SHAPE)
+    reader = GGUFReader(synthetic_file)
+    found = {t.name: t for t in reader.tensors}
+    want = tensor_shapes(shape)
+    assert list(found) == [n for n, _ in want]
+    kinds = set()
+    for (name, shp), qt in zip(want, choose_types(want, "q4_k_m", shape.n_layer, shape.n_expert)):
+        t = found[name]
+        assert t.tensor_type.name == (qt.name if qt is not None else "F32"), name
+        assert tuple(int(d) for d in reversed(t.shape)) == shp, name
+        if qt is not None:
+            w = dequantize(t.data, t.tensor_type)
+            assert np.isfinite(w).all(), name
+            std = weight_std(name, shape.n_layer)
+            assert 0.6 * std < float(w.std()) < 1.5 * std and abs(float(w.mean())) < 0.25 * std, (name, w.std())
+            kinds.add(t.tensor_type.name)
+    assert {"Q4_K", "Q6_K", "Q5_0"} <= kinds  # true k-quants and the fallback of the 384-wide expert down
+    with GGUFFile(synthetic_file) as f, GGUFFile(real_model_path) as src:
+        assert f.metadata["tokenizer.ggml.tokens"] == src.metadata["tokenizer.ggml.tokens"]
+        assert f.metadata["qwen2moe.expert_used_count"] == shape.n_expert_used
+
+
+def test_synthetic_file_runs_sparsely(synthetic_file: Path) -> None:
+    """It loads, gives finite logits, and the router spreads tokens over the experts."""
+    with _load(synthetic_file) as m:
+        rec = _Recorder(m)
+        ids = m.tokenize("def fibonacci(n):\n    if n < 2:\n        return n\n")
+        logits = m.engine.eval(ids)
+        assert np.isfinite(logits).all()
+        for layer, top in rec.routes.items():
+            assert len(np.unique(top)) >= TINY_SHAPE["n_expert"] // 2, f"layer {layer} routes to {np.unique(top)}"
+        rec.reset()
+        m.engine.eval([int(np.argmax(logits))])
+        assert rec.bytes_read() == sum(TINY_SHAPE["n_expert_used"] * _expert_bytes(f) for f in rec.moe.values())
+
+
+@pytest.mark.peer
+@requires_peer
+def test_synthetic_file_matches_llama_cpp(synthetic_file: Path) -> None:
+    """llama.cpp computes the same logits from the same file (both quantize activations like ggml)."""
+    ids = [9707, 1879, 13, 576, 3974, 374, 264, 1273]
+    ref = llama_logits(synthetic_file, ids)
+    with _load(synthetic_file) as m:
+        ours = m.logits(ids)
+    rel = _rel_l2(ours, ref)
+    agree = int((ours.argmax(1) == ref.argmax(1)).sum())
+    print(f"synthetic tiny MoE vs llama.cpp: rel L2 max {rel.max():.4f}, top-1 agree {agree}/{len(ids)}")
+    assert rel.max() < SAME_WEIGHTS_REL_L2
