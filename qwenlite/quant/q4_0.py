@@ -8,10 +8,20 @@ magnitude maps to -8 (``d = max/-8``), then ``q = min(15, (int8)(x/d + 8.5))``.
 """
 
 import numpy as np
+from llvmlite import ir
 from numba import njit
 
 from qwenlite.gguf.constants import GGMLType
-from qwenlite.quant.q8_0 import c_float_to_int8, check_blocks, check_q8_0, dot_q4_block, load_f16, store_f16
+from qwenlite.quant.q8_0 import (
+    c_float_to_int8,
+    check_blocks,
+    check_q8_0,
+    load_at,
+    load_f16,
+    nibbles,
+    row_dot,
+    store_f16,
+)
 
 TYPE = GGMLType.Q4_0
 BLOCK_SIZE = 32
@@ -62,6 +72,17 @@ def quantize_row(src, dst):
             dst[o + 2 + j] = np.uint8((lo & 0xFF) | ((hi << 4) & 0xFF))
 
 
+_V16I8 = ir.VectorType(ir.IntType(8), 16)
+
+
+def _values(context, builder, wty, w, o):
+    """Block ``o``'s 32 nibbles as an i8 vector (unsigned 0..15)."""
+    return nibbles(builder, load_at(context, builder, wty, w, o, _V16I8, 2)), False
+
+
+dot_q4_0_row = row_dot(TYPE_SIZE, _values, 8)
+
+
 @njit(cache=True, error_model="numpy")
 def dot_row(w, aq, ad, asum):
     """One Q4_0 row . one Q8_0 activation row.
@@ -72,9 +93,4 @@ def dot_row(w, aq, ad, asum):
     n = aq.shape[0]
     check_blocks(n, w.shape[0], TYPE_SIZE)
     check_q8_0(n, ad, asum)
-    total = 0.0
-    for i in range(n // 32):
-        o = i * TYPE_SIZE
-        s = dot_q4_block(w, o + 2, aq, i * 32) - 8 * asum[i]
-        total += np.float64(load_f16(w, o) * ad[i]) * np.float64(s)
-    return np.float32(total)
+    return dot_q4_0_row(w, aq, ad, asum, n // 32)

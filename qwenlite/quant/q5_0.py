@@ -8,10 +8,21 @@ magnitude maps to -16 (``d = max/-16``), then ``q = min(31, (int8)(x/d + 16.5))`
 """
 
 import numpy as np
+from llvmlite import ir
 from numba import njit
 
 from qwenlite.gguf.constants import GGMLType
-from qwenlite.quant.q8_0 import c_float_to_int8, check_blocks, check_q8_0, dot_q5_block, load_f16, store_f16
+from qwenlite.quant.q8_0 import (
+    c_float_to_int8,
+    check_blocks,
+    check_q8_0,
+    fifth_bits,
+    load_at,
+    load_f16,
+    nibbles,
+    row_dot,
+    store_f16,
+)
 
 TYPE = GGMLType.Q5_0
 BLOCK_SIZE = 32
@@ -87,15 +98,23 @@ def quantize_row(src, dst):
         store_u32(dst, o + 2, qh)
 
 
+_V16I8 = ir.VectorType(ir.IntType(8), 16)
+_I32 = ir.IntType(32)
+
+
+def _values(context, builder, wty, w, o):
+    """Block ``o``'s 32 five-bit values as an i8 vector (unsigned 0..31)."""
+    low = nibbles(builder, load_at(context, builder, wty, w, o, _V16I8, 6))
+    return fifth_bits(builder, load_at(context, builder, wty, w, o, _I32, 2), low), False
+
+
+dot_q5_0_row = row_dot(TYPE_SIZE, _values, 16)
+
+
 @njit(cache=True, error_model="numpy")
 def dot_row(w, aq, ad, asum):
     """One Q5_0 row . one Q8_0 activation row: d_w*d_a*(sum q*a - 16*sum a) per block."""
     n = aq.shape[0]
     check_blocks(n, w.shape[0], TYPE_SIZE)
     check_q8_0(n, ad, asum)
-    total = 0.0
-    for i in range(n // 32):
-        o = i * TYPE_SIZE
-        s = dot_q5_block(w, o + 2, aq, i * 32) - 16 * asum[i]
-        total += np.float64(load_f16(w, o) * ad[i]) * np.float64(s)
-    return np.float32(total)
+    return dot_q5_0_row(w, aq, ad, asum, n // 32)

@@ -7,11 +7,22 @@ and ggml's Q5_K search parameters (rmin -0.5, 15 steps); the shared parts live i
 """
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 from qwenlite.gguf.constants import GGMLType
 from qwenlite.quant.halfprec import f16_bits_to_f32
-from qwenlite.quant.q4_k import check_q8k, check_row, get_scale_min, quantize_superblock_kx
+from qwenlite.quant.q4_k import (
+    check_q8k,
+    check_row,
+    get_scale_min,
+    intp_args,
+    kx_args_ok,
+    kx_superblock,
+    quantize_superblock_kx,
+)
+from qwenlite.quant.q8_0 import f16_at, load_at
 
 TYPE = GGMLType.Q5_K
 BLOCK_SIZE = 256
@@ -65,11 +76,45 @@ def quantize_row(src, dst):
                 dst[o + 48 + 32 * c + l] = (lo & 0xF) | ((hi & 0xF) << 4)
 
 
+_V32I8 = ir.VectorType(ir.IntType(8), 32)
+
+
+def _bytes(value):
+    return ir.Constant(_V32I8, [value] * 32)
+
+
+@intrinsic
+def superblock_sums(typingctx, w, o, a, ao, asum, so):  # noqa: ARG001 - signature fixed by numba
+    """(sum_j sc_j * (q . a)_j, sum_j m_j * bsum_j) in int32 for the Q5_K super-block at ``w[o:]``:
+    Q4_K's ``superblock_sums`` with the fifth bit of sub-block j (bit j of ``qh``) moved to bit 4
+    in registers. Bounds: |sum| <= 8*32*31*63*128 < 2**31.
+    """
+    if not kx_args_ok(w, a, asum):
+        return None
+
+    def codegen(context, builder, sig, args):
+        w, o = intp_args(context, builder, sig, args)[:2]
+        qh = load_at(context, builder, sig.args[0], w, o, _V32I8, 16)
+
+        def values(c):
+            wv = load_at(context, builder, sig.args[0], w, o, _V32I8, 48 + 32 * c)
+            h1 = builder.and_(builder.lshr(qh, _bytes(2 * c)), _bytes(1))
+            h2 = builder.and_(builder.lshr(qh, _bytes(2 * c + 1)), _bytes(1))
+            return (
+                builder.or_(builder.and_(wv, _bytes(15)), builder.shl(h1, _bytes(4))),
+                builder.or_(builder.lshr(wv, _bytes(4)), builder.shl(h2, _bytes(4))),
+            )
+
+        return kx_superblock(context, builder, sig, args, values)
+
+    return types.UniTuple(types.int32, 2)(w, o, a, ao, asum, so), codegen
+
+
 @njit(cache=True, error_model="numpy")
 def dot_row(w, aq, ad, asum):
     """One Q5_K row . one Q8_K activation row, integer sums per super-block like ggml.
 
-    Same structure as Q4_K's kernel; the fifth bit is folded in as 16*bit before the int32 products.
+    Same structure as Q4_K's kernel; the fifth bit is folded in as 16*bit inside the SIMD sums.
     """
     n = aq.shape[0]
     check_row(n, w.shape[0], TYPE_SIZE)
@@ -77,29 +122,8 @@ def dot_row(w, aq, ad, asum):
     total = 0.0
     for i in range(n // 256):
         o = i * TYPE_SIZE
-        d = f16_bits_to_f32(np.int32(w[o]) | (np.int32(w[o + 1]) << 8)) * ad[i]
-        dmin = f16_bits_to_f32(np.int32(w[o + 2]) | (np.int32(w[o + 3]) << 8)) * ad[i]
-        qh = o + 16
-        sumi = np.int32(0)
-        summ = np.int32(0)
-        for c in range(4):
-            q = o + 48 + 32 * c
-            a = i * 256 + 64 * c
-            sh1 = 2 * c
-            sh2 = 2 * c + 1
-            s1 = np.int32(0)
-            s2 = np.int32(0)
-            for l in range(32):
-                b = np.int32(w[q + l])
-                h = np.int32(w[qh + l])
-                v1 = (b & 15) | (((h >> sh1) & 1) << 4)
-                v2 = (b >> 4) | (((h >> sh2) & 1) << 4)
-                s1 = np.int32(s1 + v1 * np.int32(aq[a + l]))
-                s2 = np.int32(s2 + v2 * np.int32(aq[a + 32 + l]))
-            sc1, m1 = get_scale_min(w, o + 4, 2 * c)
-            sc2, m2 = get_scale_min(w, o + 4, 2 * c + 1)
-            s = i * 16 + 4 * c
-            sumi = np.int32(sumi + sc1 * s1 + sc2 * s2)
-            summ = np.int32(summ + m1 * (asum[s] + asum[s + 1]) + m2 * (asum[s + 2] + asum[s + 3]))
+        d = f16_at(w, o) * ad[i]
+        dmin = f16_at(w, o + 2) * ad[i]
+        sumi, summ = superblock_sums(w, o, aq, i * 256, asum, i * 16)
         total += np.float64(d) * np.float64(sumi) - np.float64(dmin) * np.float64(summ)
     return np.float32(total)

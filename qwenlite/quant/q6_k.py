@@ -11,11 +11,14 @@ the same scale as ggml.
 """
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 from qwenlite.gguf.constants import GGMLType
 from qwenlite.quant.halfprec import f16_bits_to_f32, f32_to_f16_bits
-from qwenlite.quant.q4_k import check_q8k, check_row, nearest_int
+from qwenlite.quant.q4_k import check_q8k, check_row, intp_args, kx_args_ok, nearest_int
+from qwenlite.quant.q8_0 import broadcast, f16_at, lane_dots, load_at, reduce_add
 
 TYPE = GGMLType.Q6_K
 BLOCK_SIZE = 256
@@ -155,13 +158,63 @@ def quantize_row(src, dst):
                 dst[qh + l] = (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6)
 
 
+_I32 = ir.IntType(32)
+_V8I32 = ir.VectorType(_I32, 8)
+_V16I32 = ir.VectorType(_I32, 16)
+_V32I8 = ir.VectorType(ir.IntType(8), 32)
+_ZERO8 = ir.Constant(_V8I32, [0] * 8)
+
+
+def _bytes(value):
+    return ir.Constant(_V32I8, [value] * 32)
+
+
+@intrinsic
+def superblock_sum(typingctx, w, o, a, ao, asum, so):  # noqa: ARG001 - signature fixed by numba
+    """sum_g sc_g * sum_{l<16} (q_l - 32) * a_l in int32 for the Q6_K super-block at ``w[o:]``
+    against the Q8_K activations at ``a[ao:]`` and their 16-value sums at ``asum[so:]``.
+
+    The 6-bit values (0..63) are rebuilt in registers from 32-byte loads of ``ql``/``qh``, dotted
+    unsigned with ``lane_dots`` and scaled lane-wise (lanes 0-3 and 4-7 of each 32-value vector
+    are two 16-value groups with their own scale); the -32 offset is applied once per group as
+    -32*sc_g*bsum_g. Bounds: |sum| <= 16*16*63*128*128 + 32*16*128*2048 < 2**31.
+    """
+    if not kx_args_ok(w, a, asum):
+        return None
+
+    def codegen(context, builder, sig, args):
+        w, o, a, ao, asum, so = intp_args(context, builder, sig, args)
+        wty, aty, sty = sig.args[0], sig.args[2], sig.args[4]
+        scales = builder.sext(load_at(context, builder, wty, w, o, ir.VectorType(ir.IntType(8), 16), 192), _V16I32)
+        acc = _ZERO8
+        for half in range(2):
+            ql0 = load_at(context, builder, wty, w, o, _V32I8, 64 * half)
+            ql1 = load_at(context, builder, wty, w, o, _V32I8, 64 * half + 32)
+            qh = load_at(context, builder, wty, w, o, _V32I8, 128 + 32 * half)
+            values = (
+                builder.or_(builder.and_(ql0, _bytes(15)), builder.shl(builder.and_(qh, _bytes(3)), _bytes(4))),
+                builder.or_(builder.and_(ql1, _bytes(15)), builder.and_(builder.shl(qh, _bytes(2)), _bytes(48))),
+                builder.or_(builder.lshr(ql0, _bytes(4)), builder.and_(qh, _bytes(48))),
+                builder.or_(builder.lshr(ql1, _bytes(4)), builder.and_(builder.lshr(qh, _bytes(2)), _bytes(48))),
+            )
+            for k, v in enumerate(values):
+                av = load_at(context, builder, aty, a, ao, _V32I8, 128 * half + 32 * k)
+                g = 8 * half + 2 * k
+                group_scales = broadcast(builder, scales, [g] * 4 + [g + 1] * 4)
+                acc = builder.add(acc, builder.mul(lane_dots(builder, v, av, _ZERO8), group_scales))
+        bsums = load_at(context, builder, sty, asum, so, _V16I32)
+        offset = builder.shl(reduce_add(builder, builder.mul(scales, bsums)), ir.Constant(_I32, 5))
+        return builder.sub(reduce_add(builder, acc), offset)
+
+    return types.int32(w, o, a, ao, asum, so), codegen
+
+
 @njit(cache=True, error_model="numpy")
 def dot_row(w, aq, ad, asum):
     """One Q6_K row . one Q8_K activation row, integer sums per super-block like ggml.
 
-    Per super-block d_w*d_a*sum_j sc_j*(q_w . q_a)_j with q_w in -32..31: each pass over 16 bytes
-    of ql/qh yields four 16-value partial sums (one per bit-plane group) in int32 registers.
-    ``asum`` is not needed because Q6_K has no min term.
+    Per super-block d_w*d_a*sum_g sc_g*(q_w . q_a)_g with q_w in -32..31, the integer sum formed
+    in SIMD registers by ``superblock_sum``.
     """
     n = aq.shape[0]
     check_row(n, w.shape[0], TYPE_SIZE)
@@ -169,36 +222,6 @@ def dot_row(w, aq, ad, asum):
     total = 0.0
     for i in range(n // 256):
         o = i * TYPE_SIZE
-        d = f16_bits_to_f32(np.int32(w[o + 208]) | (np.int32(w[o + 209]) << 8)) * ad[i]
-        sumi = np.int32(0)
-        for half in range(2):
-            ql = o + 64 * half
-            qh = o + 128 + 32 * half
-            sc = o + 192 + 8 * half
-            a = i * 256 + 128 * half
-            for h in range(2):
-                s0 = np.int32(0)
-                s1 = np.int32(0)
-                s2 = np.int32(0)
-                s3 = np.int32(0)
-                for l in range(16 * h, 16 * h + 16):
-                    lo = np.int32(w[ql + l])
-                    hi = np.int32(w[ql + l + 32])
-                    hb = np.int32(w[qh + l])
-                    v0 = ((lo & 15) | ((hb & 3) << 4)) - 32
-                    v1 = ((hi & 15) | (((hb >> 2) & 3) << 4)) - 32
-                    v2 = ((lo >> 4) | (((hb >> 4) & 3) << 4)) - 32
-                    v3 = ((hi >> 4) | (((hb >> 6) & 3) << 4)) - 32
-                    s0 = np.int32(s0 + v0 * np.int32(aq[a + l]))
-                    s1 = np.int32(s1 + v1 * np.int32(aq[a + l + 32]))
-                    s2 = np.int32(s2 + v2 * np.int32(aq[a + l + 64]))
-                    s3 = np.int32(s3 + v3 * np.int32(aq[a + l + 96]))
-                sumi = np.int32(
-                    sumi
-                    + np.int32(np.int8(w[sc + h])) * s0
-                    + np.int32(np.int8(w[sc + h + 2])) * s1
-                    + np.int32(np.int8(w[sc + h + 4])) * s2
-                    + np.int32(np.int8(w[sc + h + 6])) * s3
-                )
-        total += np.float64(d) * np.float64(sumi)
+        d = f16_at(w, o + 208) * ad[i]
+        total += np.float64(d) * np.float64(superblock_sum(w, o, aq, i * 256, asum, i * 16))
     return np.float32(total)

@@ -19,7 +19,8 @@ float32 (no fastmath): ``d = amax/127``, ``q = roundf(x * (1/d))``.
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
-from numba.core import cgutils
+from numba.core import cgutils, config
+from numba.core.codegen import get_host_cpu_features
 from numba.extending import intrinsic
 
 from qwenlite.errors import QwenliteError
@@ -99,21 +100,152 @@ def _load_vector(context, builder, aryty, ary, offty, off, vecty):
     return builder.load(builder.bitcast(ptr, vecty.as_pointer()), align=1, typ=vecty)
 
 
-def _nibbles(builder, packed):
+def _target_features() -> frozenset[str]:
+    """The CPU features Numba compiles for (``NUMBA_CPU_FEATURES`` if set, else the host's)."""
+    flat = config.CPU_FEATURES if config.CPU_FEATURES is not None else get_host_cpu_features()
+    return frozenset(f[1:] for f in flat.split(",") if f.startswith("+"))
+
+
+def simd_isa(features: frozenset[str]) -> str:
+    """Which u8 x i8 dot instruction ``lane_dots`` emits for a target with ``features``.
+
+    "vnni": ``vpdpbusd`` (AVX-512 VNNI with VL, or AVX-VNNI); "avx2": ``vpmaddubsw`` + ``vpmaddwd``;
+    "generic": portable widening multiplies that LLVM lowers for any target (NEON, SSE, ...).
+    """
+    if "avxvnni" in features or {"avx512vnni", "avx512vl"} <= features:
+        return "vnni"
+    if "avx2" in features:
+        return "avx2"
+    return "generic"
+
+
+SIMD_ISA = simd_isa(_target_features())
+
+_V8I32 = ir.VectorType(_I32, 8)
+_V16I16 = ir.VectorType(ir.IntType(16), 16)
+
+
+def lane_dots(builder, wv, av, acc, isa=SIMD_ISA, signed=False):
+    """``acc`` (8 x i32) plus, in lane i, sum_{k<4} w[4i+k]*a[4i+k] for 32 ``wv`` and signed ``av``.
+
+    Unsigned weights must be at most 127 so that the AVX2 path's saturating 16-bit pair sums
+    cannot clip (2*127*128 < 2**15). ``signed`` weights take the portable path (the u8 x i8
+    instructions have no signed-by-signed form). Lane i covers bytes 4i..4i+3 on every path, so
+    callers may give the lower and upper halves (bytes 0-15, 16-31) different scales.
+    """
+    if signed:
+        isa = "generic"
+    if isa == "vnni":
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_V8I32, [_V8I32] * 3), "llvm.x86.avx512.vpdpbusd.256"
+        )
+        return builder.call(fn, [acc, builder.bitcast(wv, _V8I32), builder.bitcast(av, _V8I32)])
+    if isa == "avx2":
+        maddubs = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_V16I16, [_V32I8, _V32I8]), "llvm.x86.avx2.pmadd.ub.sw"
+        )
+        maddwd = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_V8I32, [_V16I16, _V16I16]), "llvm.x86.avx2.pmadd.wd"
+        )
+        pairs = builder.call(maddubs, [wv, av])
+        return builder.add(acc, builder.call(maddwd, [pairs, ir.Constant(_V16I16, [1] * 16)]))
+    wide = builder.sext(wv, _V32I32) if signed else builder.zext(wv, _V32I32)
+    prod = builder.mul(wide, builder.sext(av, _V32I32))
+    for k in range(4):
+        acc = builder.add(acc, builder.shuffle_vector(prod, prod, ir.Constant(_V8I32, [4 * i + k for i in range(8)])))
+    return acc
+
+
+def broadcast(builder, vec, lanes):
+    """An 8 x i32 vector whose lane i is ``vec[lanes[i]]`` (lanes: 8 constant indices)."""
+    return builder.shuffle_vector(vec, vec, ir.Constant(_V8I32, list(lanes)))
+
+
+def reduce_add(builder, vec):
+    """Sum of the lanes of an integer vector, in its element type."""
+    name = f"llvm.vector.reduce.add.v{vec.type.count}i{vec.type.element.width}"
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec.type.element, [vec.type]), name)
+    return builder.call(fn, [vec])
+
+
+def load_at(context, builder, aryty, ary, off, vecty, extra=0):
+    """Unaligned load of ``vecty`` from array ``ary`` (numba type ``aryty``) at the intp element
+    offset ``off + extra``."""
+    intp = context.get_value_type(types.intp)
+    if extra:
+        off = builder.add(off, ir.Constant(intp, extra))
+    return _load_vector(context, builder, aryty, ary, types.intp, off, vecty)
+
+
+_HAS_F16C = "f16c" in _target_features()
+_F32T = ir.FloatType()
+_V8F32 = ir.VectorType(_F32T, 8)
+
+
+def f16_to_f32(builder, bits, f16c=_HAS_F16C):
+    """IR: the float32 value of the f16 bit pattern ``bits`` (i16).
+
+    With F16C this is one ``vcvtph2ps``; otherwise the branch-free integer decode of
+    ``halfprec.f16_bits_to_f32`` (a plain ``fpext half`` would become a libcall there).
+    """
+    if f16c:
+        return builder.fpext(builder.bitcast(bits, ir.HalfType()), _F32T)
+
+    def c(v):
+        return ir.Constant(_I32, v)
+
+    hb = builder.zext(bits, _I32)
+    sign = builder.shl(builder.and_(hb, c(0x8000)), c(16))
+    body = builder.shl(builder.and_(hb, c(0x7FFF)), c(13))
+    scaled = builder.fmul(builder.bitcast(body, _F32T), ir.Constant(_F32T, 2.0**112))
+    special = builder.icmp_unsigned(">=", body, c(0x0F800000))
+    out = builder.select(special, builder.or_(body, c(0x7F800000)), builder.bitcast(scaled, _I32))
+    return builder.bitcast(builder.or_(out, sign), _F32T)
+
+
+@intrinsic
+def f16_at(typingctx, buf, o):  # noqa: ARG001 - signature fixed by numba
+    """The little-endian f16 at byte offset ``o`` of the uint8 array ``buf``, as float32.
+
+    Same value as ``load_f16``, but through ``f16_to_f32``: with F16C a hardware conversion.
+    The integer decode multiplies a float32 subnormal for small halves (K-quant mins are often
+    below 2**-14), and subnormal operands cost a microcode assist on every block.
+    """
+    if not (isinstance(buf, types.Array) and buf.dtype == types.uint8 and isinstance(o, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        off = context.cast(builder, args[1], sig.args[1], types.intp)
+        bits = _load_vector(context, builder, sig.args[0], args[0], types.intp, off, ir.IntType(16))
+        return f16_to_f32(builder, bits)
+
+    return types.float32(buf, o), codegen
+
+
+def nibbles(builder, packed):
     """16 packed bytes -> 32 values: low nibbles are values 0..15, high nibbles values 16..31."""
     lo = builder.and_(packed, ir.Constant(_V16I8, [15] * 16))
     hi = builder.lshr(packed, ir.Constant(_V16I8, [4] * 16))
     return builder.shuffle_vector(lo, hi, ir.Constant(_V32I32, list(range(32))))
 
 
-def _sum_products(builder, wv, av, w_signed):
-    """sum_j w_j * a_j over 32 lanes in int32 (|sum| <= 32*128*128, no overflow)."""
-    wide_w = builder.sext(wv, _V32I32) if w_signed else builder.zext(wv, _V32I32)
-    prod = builder.mul(wide_w, builder.sext(av, _V32I32))
-    reduce_add = cgutils.get_or_insert_function(
-        builder.module, ir.FunctionType(_I32, [_V32I32]), "llvm.vector.reduce.add.v32i32"
+def fifth_bits(builder, qh, values):
+    """``values`` with 16 added to value j wherever bit j of the i32 ``qh`` is set."""
+    bits = builder.bitcast(qh, ir.VectorType(ir.IntType(1), 32))
+    fifth = builder.select(bits, ir.Constant(_V32I8, [16] * 32), ir.Constant(_V32I8, [0] * 32))
+    return builder.or_(values, fifth)
+
+
+def _fmuladd(builder, a, b, c):
+    fn = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(_V8F32, [_V8F32] * 3), "llvm.fmuladd.v8f32"
     )
-    return builder.call(reduce_add, [prod])
+    return builder.call(fn, [a, b, c])
+
+
+def _splat(builder, value, vecty):
+    vec = builder.insert_element(ir.Constant(vecty, None), value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(_I32, vecty.count), [0] * vecty.count))
 
 
 def _check_dot_args(w, a):
@@ -125,52 +257,86 @@ def _check_dot_args(w, a):
     )
 
 
-@intrinsic
-def dot_q8_block(typingctx, w, wo, a, ao):  # noqa: ARG001 - signature fixed by numba
-    """sum_{j<32} int8(w[wo+j]) * a[ao+j] as int32: the Q8_0 block dot."""
-    if not _check_dot_args(w, a):
-        return None
+def row_dot(type_size, values, offset, min_at=None):
+    """Build the row dot intrinsic ``(w, aq, ad, asum, nb) -> float32`` of a 32-value block format.
 
-    def codegen(context, builder, sig, args):
-        wv = _load_vector(context, builder, sig.args[0], args[0], sig.args[1], args[1], _V32I8)
-        av = _load_vector(context, builder, sig.args[2], args[2], sig.args[3], args[3], _V32I8)
-        return _sum_products(builder, wv, av, True)
+    ``values(context, builder, wty, w, o) -> (vector, signed)`` gives block ``o``'s 32 weight
+    integers as an i8 vector (the f16 scale ``d`` is at ``w[o]``); ``offset`` is the constant the
+    format subtracts from each integer (8 for Q4_0: sum (q-8)*a = sum q*a - 8*asum); ``min_at``
+    the byte offset of an f16 minimum ``m`` in the block (Q5_1: ``x = d*q + m``).
 
-    return types.int32(w, wo, a, ao), codegen
+    The whole row is one IR loop: per block, ``lane_dots`` seeded with the offset term gives 8
+    int32 lanes, which are converted and scaled by d_w*d_a into 8 float32 accumulators (two sets,
+    alternating blocks, so the adds do not wait on each other). Only the end of the row reduces
+    across lanes, where the per-block horizontal sums of the previous kernels cost more than the
+    products. Float32 accumulation of exact int32 block sums, as ggml does.
+    """
+
+    @intrinsic
+    def dot(typingctx, w, a, ad, asum, nb):  # noqa: ARG001 - signature fixed by numba
+        if not (_check_dot_args(w, a) and isinstance(nb, types.Integer)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            wty, aty, adty, sty = sig.args[:4]
+            w, a, ad, asum = args[:4]
+            intp = context.get_value_type(types.intp)
+            nb = context.cast(builder, args[4], sig.args[4], types.intp)
+            accs = [cgutils.alloca_once_value(builder, ir.Constant(_V8F32, [0.0] * 8)) for _ in range(2)]
+            macc = cgutils.alloca_once_value(builder, ir.Constant(_F32T, 0.0))
+
+            def block(i, acc):
+                o = builder.mul(i, ir.Constant(intp, type_size))
+                da = load_at(context, builder, adty, ad, i, _F32T)
+                bsum = load_at(context, builder, sty, asum, i, _I32)
+                d = builder.fmul(f16_to_f32(builder, load_at(context, builder, wty, w, o, ir.IntType(16))), da)
+                wv, signed = values(context, builder, wty, w, o)
+                av = load_at(context, builder, aty, a, builder.mul(i, ir.Constant(intp, 32)), _V32I8)
+                if signed and SIMD_ISA == "vnni":
+                    wv = builder.xor(wv, ir.Constant(_V32I8, [0x80] * 32))  # q+128 >= 0 for vpdpbusd
+                    bias = offset + 128
+                else:
+                    bias = offset
+                seed = ir.Constant(_V8I32, [0] * 8)
+                if bias:
+                    corr = builder.mul(bsum, ir.Constant(_I32, -bias))
+                    seed = builder.insert_element(seed, corr, ir.Constant(_I32, 0))
+                lanes = lane_dots(builder, wv, av, seed, signed=signed and SIMD_ISA != "vnni")
+                scaled = _fmuladd(builder, builder.sitofp(lanes, _V8F32), _splat(builder, d, _V8F32), builder.load(acc))
+                builder.store(scaled, acc)
+                if min_at is not None:
+                    mo = builder.add(o, ir.Constant(intp, min_at))
+                    m = builder.fmul(f16_to_f32(builder, load_at(context, builder, wty, w, mo, ir.IntType(16))), da)
+                    builder.store(builder.fadd(builder.load(macc), builder.fmul(m, builder.sitofp(bsum, _F32T))), macc)
+
+            two = ir.Constant(intp, 2)
+            with cgutils.for_range(builder, builder.sdiv(nb, two)) as loop:
+                i0 = builder.mul(loop.index, two)
+                block(i0, accs[0])
+                block(builder.add(i0, ir.Constant(intp, 1)), accs[1])
+            odd = builder.icmp_signed("!=", builder.srem(nb, two), ir.Constant(intp, 0))
+            with builder.if_then(odd):
+                block(builder.sub(nb, ir.Constant(intp, 1)), accs[0])
+            total = builder.fadd(builder.load(accs[0]), builder.load(accs[1]))
+            v8f64 = ir.VectorType(ir.DoubleType(), 8)
+            wide = builder.fpext(total, v8f64)
+            for width in (4, 2, 1):
+                halves = [ir.Constant(ir.VectorType(_I32, width), list(range(k, k + width))) for k in (0, width)]
+                wide = builder.fadd(*(builder.shuffle_vector(wide, wide, h) for h in halves))
+            result = builder.extract_element(wide, ir.Constant(_I32, 0))
+            result = builder.fadd(result, builder.fpext(builder.load(macc), ir.DoubleType()))
+            return builder.fptrunc(result, _F32T)
+
+        return types.float32(w, a, ad, asum, nb), codegen
+
+    return dot
 
 
-@intrinsic
-def dot_q4_block(typingctx, w, wo, a, ao):  # noqa: ARG001 - signature fixed by numba
-    """sum_{j<32} q_j * a[ao+j] for the 32 unsigned nibbles packed in w[wo:wo+16] (legacy order)."""
-    if not _check_dot_args(w, a):
-        return None
-
-    def codegen(context, builder, sig, args):
-        packed = _load_vector(context, builder, sig.args[0], args[0], sig.args[1], args[1], _V16I8)
-        av = _load_vector(context, builder, sig.args[2], args[2], sig.args[3], args[3], _V32I8)
-        return _sum_products(builder, _nibbles(builder, packed), av, False)
-
-    return types.int32(w, wo, a, ao), codegen
+def _q8_values(context, builder, wty, w, o):
+    return load_at(context, builder, wty, w, o, _V32I8, 2), True
 
 
-@intrinsic
-def dot_q5_block(typingctx, w, wo, a, ao):  # noqa: ARG001 - signature fixed by numba
-    """sum_{j<32} q_j * a[ao+j] for a Q5 block body at w[wo:]: little-endian uint32 ``qh`` (bit j
-    adds 16 to value j), then 16 bytes of nibbles (legacy order). Values are 0..31."""
-    if not _check_dot_args(w, a):
-        return None
-
-    def codegen(context, builder, sig, args):
-        qh = _load_vector(context, builder, sig.args[0], args[0], sig.args[1], args[1], _I32)
-        intp = context.get_value_type(types.intp)
-        qs_off = builder.add(context.cast(builder, args[1], sig.args[1], types.intp), ir.Constant(intp, 4))
-        packed = _load_vector(context, builder, sig.args[0], args[0], types.intp, qs_off, _V16I8)
-        av = _load_vector(context, builder, sig.args[2], args[2], sig.args[3], args[3], _V32I8)
-        bits = builder.bitcast(qh, ir.VectorType(ir.IntType(1), 32))
-        fifth = builder.select(bits, ir.Constant(_V32I8, [16] * 32), ir.Constant(_V32I8, [0] * 32))
-        return _sum_products(builder, builder.or_(_nibbles(builder, packed), fifth), av, False)
-
-    return types.int32(w, wo, a, ao), codegen
+dot_q8_row = row_dot(TYPE_SIZE, _q8_values, 0)
 
 
 @njit(cache=True, error_model="numpy")
@@ -206,16 +372,10 @@ def quantize_row(src, dst):
 
 @njit(cache=True, error_model="numpy")
 def dot_row(w, aq, ad, asum):
-    """One Q8_0 row . one Q8_0 activation row: int32 sums per block, one float multiply per block.
-
-    ``asum`` is unused (Q8_0 has no offset term); it is part of the shared signature.
-    """
+    """One Q8_0 row . one Q8_0 activation row: int32 sums per block, one float multiply-add per
+    block (``row_dot``). ``asum`` feeds the +128 bias that makes the weights unsigned for
+    ``vpdpbusd``: sum (q+128)*a - 128*sum a."""
     n = aq.shape[0]
     check_blocks(n, w.shape[0], TYPE_SIZE)
     check_q8_0(n, ad, asum)
-    total = 0.0
-    for i in range(n // 32):
-        o = i * TYPE_SIZE
-        s = dot_q8_block(w, o + 2, aq, i * 32)
-        total += np.float64(load_f16(w, o) * ad[i]) * np.float64(s)
-    return np.float32(total)
+    return dot_q8_row(w, aq, ad, asum, n // 32)
