@@ -4,8 +4,10 @@
 PYTHON   ?= python3
 PEER     := .peer
 PEER_PY  := $(PEER)/venv/bin/python
-# Pinned llama-cpp-python sdist (it vendors llama.cpp); override SDIST to build from elsewhere.
-SDIST    ?= /work/dl/sdist/llama_cpp_python-0.3.36.tar.gz
+# Pinned llama-cpp-python sdist (it vendors llama.cpp), fetched from PyPI into .peer/ when missing;
+# override SDIST to build from a local copy.
+PEER_VERSION := 0.3.36
+SDIST    ?= $(PEER)/llama_cpp_python-$(PEER_VERSION).tar.gz
 JOBS     ?= 2
 # Native CPU code; only the libraries the bindings need (no tools, server, tests, mtmd).
 PEER_CMAKE_ARGS := -DGGML_NATIVE=ON -DCMAKE_BUILD_TYPE=Release -DLLAVA_BUILD=OFF \
@@ -45,8 +47,12 @@ peer-build:
 		-v --config-settings=build-dir=$(CURDIR)/$(PEER)/build $(SDIST) > $(PEER)/build.log 2>&1; \
 	$(PEER_PY) -c "import llama_cpp; print('peer ready:', llama_cpp.__version__)"; fi
 
+$(PEER)/llama_cpp_python-$(PEER_VERSION).tar.gz:
+	mkdir -p $(PEER) && $(PYTHON) -m pip download -q --no-deps --no-binary :all: -d $(PEER) \
+		llama-cpp-python==$(PEER_VERSION)
+
 # llama.cpp's sources from the sdist: convert_hf_to_gguf.py, gguf-py, tokenizer test vectors.
-peer-src:
+peer-src: $(SDIST)
 	@test -d $(PEER)/llama.cpp-src || { mkdir -p $(PEER)/unpack && tar xzf $(SDIST) -C $(PEER)/unpack \
 		&& mv $(PEER)/unpack/llama_cpp_python-*/vendor/llama.cpp $(PEER)/llama.cpp-src && rm -rf $(PEER)/unpack; }
 
