@@ -32,6 +32,10 @@ _ROW_CHUNK = 16
 _TOKEN_TILE = 32
 # Below this many tokens, quantizing the activations serially beats opening a parallel region.
 _PARALLEL_QUANT_MIN_ROWS = 8
+# Below this many weight bytes x tokens (about 15 us of work on one core), the rows run on the
+# calling thread: waking a second thread costs several microseconds on a quiet machine and up to a
+# scheduler time slice when the cores are oversubscribed.
+_PARALLEL_MIN_BYTES = 160_000
 
 _F16 = int(GGMLType.F16)
 _BF16 = int(GGMLType.BF16)
@@ -43,23 +47,91 @@ _Q6_K = int(GGMLType.Q6_K)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _dot_q8_0(qtype, w, aq, ad, asum):
+def _rows_q8_0(qtype, w, aqs, ads, asums, nb):
     if qtype == _Q4_0:
-        return q4_0.dot_row(w, aq, ad, asum)
+        return q4_0.dot_rows(w, aqs, ads, asums, nb)
     if qtype == _Q5_0:
-        return q5_0.dot_row(w, aq, ad, asum)
+        return q5_0.dot_rows(w, aqs, ads, asums, nb)
     if qtype == _Q5_1:
-        return q5_1.dot_row(w, aq, ad, asum)
-    return q8_0.dot_row(w, aq, ad, asum)
+        return q5_1.dot_rows(w, aqs, ads, asums, nb)
+    return q8_0.dot_rows(w, aqs, ads, asums, nb)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _dot_q8_k(qtype, w, aq, ad, asum):
+def _rows_q8_k(qtype, w, aqs, ads, asums, nb):
     if qtype == _Q6_K:
-        return q6_k.dot_row(w, aq, ad, asum)
+        return q6_k.dot_rows(w, aqs, ads, asums, nb)
     if qtype == _Q5_K:
-        return q5_k.dot_row(w, aq, ad, asum)
-    return q4_k.dot_row(w, aq, ad, asum)
+        return q5_k.dot_rows(w, aqs, ads, asums, nb)
+    return q4_k.dot_rows(w, aqs, ads, asums, nb)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _rows(act_k, qtype, w, aqs, ads, asums, nb):
+    if act_k:
+        return _rows_q8_k(qtype, w, aqs, ads, asums, nb)
+    return _rows_q8_0(qtype, w, aqs, ads, asums, nb)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _chunk(act_k, qtype, w, aq, ad, asum, out, c):
+    """Output rows of chunk ``c`` for all tokens: token tiles, and within a tile groups of four
+    tokens that share each unpacked weight block (``dot_rows`` with 4-tuples)."""
+    T, K = aq.shape
+    nb = K // 256 if act_k else K // 32
+    r0 = c * _ROW_CHUNK
+    r1 = min(w.shape[0], r0 + _ROW_CHUNK)
+    for t0 in range(0, T, _TOKEN_TILE):
+        t1 = min(T, t0 + _TOKEN_TILE)
+        for r in range(r0, r1):
+            row = w[r]
+            t = t0
+            while t + 4 <= t1:
+                s0, s1, s2, s3 = _rows(
+                    act_k, qtype, row,
+                    (aq[t], aq[t + 1], aq[t + 2], aq[t + 3]),
+                    (ad[t], ad[t + 1], ad[t + 2], ad[t + 3]),
+                    (asum[t], asum[t + 1], asum[t + 2], asum[t + 3]),
+                    nb,
+                )
+                out[t, r] = s0
+                out[t + 1, r] = s1
+                out[t + 2, r] = s2
+                out[t + 3, r] = s3
+                t += 4
+            while t < t1:
+                out[t, r] = _rows(act_k, qtype, row, (aq[t],), (ad[t],), (asum[t],), nb)[0]
+                t += 1
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def _matmul_int(w, qtype, act_k, x, out):
+    """Quantize the activation rows (Q8_K if ``act_k`` else Q8_0), then all row chunks; serial
+    when the whole product is too small to pay for waking the other threads."""
+    T, K = x.shape
+    bs = 256 if act_k else 32
+    aq = np.empty((T, K), np.int8)
+    ad = np.empty((T, K // bs), np.float32)
+    asum = np.empty((T, K // 16 if act_k else K // 32), np.int32)
+    if T < _PARALLEL_QUANT_MIN_ROWS:
+        for t in range(T):
+            if act_k:
+                quantize_q8_k(x[t], aq[t], ad[t], asum[t])
+            else:
+                quantize_q8_0(x[t], aq[t], ad[t], asum[t])
+    else:
+        for t in prange(T):
+            if act_k:
+                quantize_q8_k(x[t], aq[t], ad[t], asum[t])
+            else:
+                quantize_q8_0(x[t], aq[t], ad[t], asum[t])
+    n_chunks = (w.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK
+    if w.shape[0] * w.shape[1] * T < _PARALLEL_MIN_BYTES:
+        for c in range(n_chunks):
+            _chunk(act_k, qtype, w, aq, ad, asum, out, c)
+    else:
+        for c in prange(n_chunks):
+            _chunk(act_k, qtype, w, aq, ad, asum, out, c)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -69,54 +141,6 @@ def _dot_f32(qtype, w, x):
     if qtype == _BF16:
         return bf16.dot_row(w, x)
     return f32.dot_row(w, x)
-
-
-@njit(cache=True, error_model="numpy", parallel=True)
-def _matmul_q8_0(w, qtype, x, out):
-    T, K = x.shape
-    N = w.shape[0]
-    aq = np.empty((T, K), np.int8)
-    ad = np.empty((T, K // 32), np.float32)
-    asum = np.empty((T, K // 32), np.int32)
-    if T < _PARALLEL_QUANT_MIN_ROWS:
-        for t in range(T):
-            quantize_q8_0(x[t], aq[t], ad[t], asum[t])
-    else:
-        for t in prange(T):
-            quantize_q8_0(x[t], aq[t], ad[t], asum[t])
-    for c in prange((N + _ROW_CHUNK - 1) // _ROW_CHUNK):
-        r0 = c * _ROW_CHUNK
-        r1 = min(N, r0 + _ROW_CHUNK)
-        for t0 in range(0, T, _TOKEN_TILE):
-            t1 = min(T, t0 + _TOKEN_TILE)
-            for r in range(r0, r1):
-                row = w[r]
-                for t in range(t0, t1):
-                    out[t, r] = _dot_q8_0(qtype, row, aq[t], ad[t], asum[t])
-
-
-@njit(cache=True, error_model="numpy", parallel=True)
-def _matmul_q8_k(w, qtype, x, out):
-    T, K = x.shape
-    N = w.shape[0]
-    aq = np.empty((T, K), np.int8)
-    ad = np.empty((T, K // 256), np.float32)
-    asum = np.empty((T, K // 16), np.int32)
-    if T < _PARALLEL_QUANT_MIN_ROWS:
-        for t in range(T):
-            quantize_q8_k(x[t], aq[t], ad[t], asum[t])
-    else:
-        for t in prange(T):
-            quantize_q8_k(x[t], aq[t], ad[t], asum[t])
-    for c in prange((N + _ROW_CHUNK - 1) // _ROW_CHUNK):
-        r0 = c * _ROW_CHUNK
-        r1 = min(N, r0 + _ROW_CHUNK)
-        for t0 in range(0, T, _TOKEN_TILE):
-            t1 = min(T, t0 + _TOKEN_TILE)
-            for r in range(r0, r1):
-                row = w[r]
-                for t in range(t0, t1):
-                    out[t, r] = _dot_q8_k(qtype, row, aq[t], ad[t], asum[t])
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
@@ -168,10 +192,8 @@ def matmul(w: np.ndarray, qtype: int, x: np.ndarray, out: np.ndarray | None = No
                 f"matmul out must be writable C-contiguous float32 {(T, N)}, got {out.dtype} {out.shape}"
             )
     if T and N:
-        if fmt.ACT == "q8_0":
-            _matmul_q8_0(w, int(fmt.TYPE), x, out)
-        elif fmt.ACT == "q8_k":
-            _matmul_q8_k(w, int(fmt.TYPE), x, out)
-        else:
+        if fmt.ACT == "f32":
             _matmul_f32(w, int(fmt.TYPE), x, out)
+        else:
+            _matmul_int(w, int(fmt.TYPE), fmt.ACT == "q8_k", x, out)
     return out[0] if vector else out

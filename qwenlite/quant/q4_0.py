@@ -80,7 +80,7 @@ def _values(context, builder, wty, w, o):
     return nibbles(builder, load_at(context, builder, wty, w, o, _V16I8, 2)), False
 
 
-dot_q4_0_row = row_dot(TYPE_SIZE, _values, 8)
+dot_rows = row_dot(TYPE_SIZE, _values, 8)
 
 
 @njit(cache=True, error_model="numpy")
@@ -93,4 +93,4 @@ def dot_row(w, aq, ad, asum):
     n = aq.shape[0]
     check_blocks(n, w.shape[0], TYPE_SIZE)
     check_q8_0(n, ad, asum)
-    return dot_q4_0_row(w, aq, ad, asum, n // 32)
+    return dot_rows(w, (aq,), (ad,), (asum,), n // 32)[0]

@@ -16,12 +16,13 @@ candidate and change the file.
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from qwenlite.errors import QwenliteError
 from qwenlite.gguf.constants import GGMLType
 from qwenlite.quant.halfprec import f16_bits_to_f32, f32_as_u32, f32_to_f16_bits
-from qwenlite.quant.q8_0 import broadcast, f16_at, lane_dots, load_at, reduce_add
+from qwenlite.quant.q8_0 import broadcast, f16_to_f32, lane_dots, load_at, reduce_add
 
 TYPE = GGMLType.Q4_K
 BLOCK_SIZE = 256
@@ -259,21 +260,75 @@ def _const32(value, lanes=32):
     return ir.Constant(ir.VectorType(ir.IntType(8), lanes), [value] * lanes)
 
 
-def kx_args_ok(w, a, asum):
-    """Typing check shared by the K-quant super-block intrinsics."""
-    return (
-        isinstance(w, types.Array) and w.dtype == types.uint8
-        and isinstance(a, types.Array) and a.dtype == types.int8
-        and isinstance(asum, types.Array) and asum.dtype == types.int32
-    )
+def _is_rows(tup, dtype):
+    return isinstance(tup, types.UniTuple) and isinstance(tup.dtype, types.Array) and tup.dtype.dtype == dtype
 
 
-def intp_args(context, builder, sig, args):
-    """Each integer argument cast to intp (array arguments passed through)."""
-    return [
-        v if isinstance(t, types.Array) else context.cast(builder, v, t, types.intp)
-        for t, v in zip(sig.args, args, strict=True)
-    ]
+def row_dot_k(type_size, d_at, dmin_at, sums):
+    """Build the row dot intrinsic of a K-quant format:
+    ``(w, aqs, ads, asums, nb) -> (float32,) * n`` for ``n`` Q8_K activation rows given as tuples.
+
+    ``sums(context, builder, wty, w, o, toks)`` emits the integer sums of super-block ``o``
+    against each activation row of ``toks`` (``(aq, ao, asum, so)`` tuples of (type, value)
+    pairs): a list of ``(sum sc*dot, sum m*bsum or None)`` int32 pairs. The f16 ``d`` (and
+    ``dmin`` when ``dmin_at`` is not None) sit at those byte offsets of the super-block.
+
+    The row is one IR loop over super-blocks; per row it accumulates
+    d_w*d_a*sumi - dmin_w*d_a*summ in float64, exactly like ggml's per-super-block float step.
+    The weight bits are unpacked once per super-block for all ``n`` rows (prefill).
+    """
+
+    @intrinsic
+    def dot(typingctx, w, aqs, ads, asums, nb):  # noqa: ARG001 - signature fixed by numba
+        ok = (
+            isinstance(w, types.Array) and w.dtype == types.uint8
+            and _is_rows(aqs, types.int8) and _is_rows(ads, types.float32) and _is_rows(asums, types.int32)
+            and aqs.count == ads.count == asums.count and isinstance(nb, types.Integer)
+        )
+        if not ok:
+            return None
+        n = aqs.count
+
+        def codegen(context, builder, sig, args):
+            wty, w = sig.args[0], args[0]
+            aq, ad, asum = (
+                list(zip((ty.dtype,) * n, cgutils.unpack_tuple(builder, val, n), strict=True))
+                for ty, val in zip(sig.args[1:4], args[1:4], strict=True)
+            )
+            intp = context.get_value_type(types.intp)
+            f64 = ir.DoubleType()
+            nb = context.cast(builder, args[4], sig.args[4], types.intp)
+            totals = [cgutils.alloca_once_value(builder, ir.Constant(f64, 0.0)) for _ in range(n)]
+            with cgutils.for_range(builder, nb) as loop:
+                i = loop.index
+                o = builder.mul(i, ir.Constant(intp, type_size))
+                ao = builder.mul(i, ir.Constant(intp, 256))
+                so = builder.mul(i, ir.Constant(intp, 16))
+                toks = [((*aq[t], ao), (*asum[t], so)) for t in range(n)]
+                dw = f16_to_f32(builder, load_at(context, builder, wty, w, o, ir.IntType(16), d_at))
+                if dmin_at is not None:
+                    mw = f16_to_f32(builder, load_at(context, builder, wty, w, o, ir.IntType(16), dmin_at))
+                for t, (sumi, summ) in enumerate(sums(context, builder, wty, w, o, toks)):
+                    da = load_at(context, builder, *ad[t], i, ir.FloatType())
+                    acc = builder.fadd(
+                        builder.load(totals[t]),
+                        builder.fmul(builder.fpext(builder.fmul(dw, da), f64), builder.sitofp(sumi, f64)),
+                    )
+                    if summ is not None:
+                        term = builder.fmul(builder.fpext(builder.fmul(mw, da), f64), builder.sitofp(summ, f64))
+                        acc = builder.fsub(acc, term)
+                    builder.store(acc, totals[t])
+            results = [builder.fptrunc(builder.load(tot), ir.FloatType()) for tot in totals]
+            return context.make_tuple(builder, sig.return_type, results)
+
+        return types.UniTuple(types.float32, n)(w, aqs, ads, asums, nb), codegen
+
+    return dot
+
+
+def load_ref(context, builder, ref, vecty, extra=0):
+    """``load_at`` for an (array type, array value, intp element offset) triple."""
+    return load_at(context, builder, *ref, vecty, extra)
 
 
 def kx_scales_mins(context, builder, wty, w, sb):
@@ -304,53 +359,47 @@ def kx_scales_mins(context, builder, wty, w, sb):
     return widen(sc_lo, sc_hi), widen(m_lo, m_hi)
 
 
-def kx_min_term(context, builder, sty, asum, so, mins):
-    """sum_j m_j * (bsum[2j] + bsum[2j+1]) over the 16 activation sums at ``asum[so:]``."""
-    bs = load_at(context, builder, sty, asum, so, _V16I32)
+def kx_min_term(context, builder, bsums, mins):
+    """sum_j m_j * (bsum[2j] + bsum[2j+1]) over the 16 activation sums ``bsums`` (a type/value/offset triple)."""
+    bs = load_ref(context, builder, bsums, _V16I32)
     even = builder.shuffle_vector(bs, bs, ir.Constant(_V8I32, list(range(0, 16, 2))))
     odd = builder.shuffle_vector(bs, bs, ir.Constant(_V8I32, list(range(1, 16, 2))))
     return reduce_add(builder, builder.mul(builder.add(even, odd), mins))
 
 
-def kx_superblock(context, builder, sig, args, values):
-    """Shared body of the Q4_K/Q5_K super-block dots: ``values(c, wv)`` yields the two 32-value
-    vectors (sub-blocks 2c and 2c+1) of 64-value chunk c; returns (sum sc*dot, sum m*bsum)."""
-    w, o, a, ao, asum, so = intp_args(context, builder, sig, args)
-    wty, aty, sty = sig.args[0], sig.args[2], sig.args[4]
-    scales, mins = kx_scales_mins(context, builder, wty, w, builder.add(o, ir.Constant(o.type, 4)))
-    acc = _ZERO8
-    for c in range(4):
-        v1, v2 = values(c)
-        d1 = lane_dots(builder, v1, load_at(context, builder, aty, a, ao, _V32I8, 64 * c), _ZERO8)
-        d2 = lane_dots(builder, v2, load_at(context, builder, aty, a, ao, _V32I8, 64 * c + 32), _ZERO8)
-        acc = builder.add(acc, builder.mul(d1, broadcast(builder, scales, [2 * c] * 8)))
-        acc = builder.add(acc, builder.mul(d2, broadcast(builder, scales, [2 * c + 1] * 8)))
-    summ = kx_min_term(context, builder, sty, asum, so, mins)
-    return context.make_tuple(builder, sig.return_type, [reduce_add(builder, acc), summ])
+def kx_sums(values):
+    """The ``sums`` emitter of ``row_dot_k`` for Q4_K/Q5_K: ``values(context, builder, wty, w, o, c)``
+    gives the two 32-value vectors (sub-blocks 2c and 2c+1) of 64-value chunk c.
 
-
-@intrinsic
-def superblock_sums(typingctx, w, o, a, ao, asum, so):  # noqa: ARG001 - signature fixed by numba
-    """(sum_j sc_j * (q . a)_j, sum_j m_j * bsum_j) in int32 for the Q4_K super-block at ``w[o:]``
-    against the 256 Q8_K activations at ``a[ao:]`` and their 16 sums at ``asum[so:]``.
-
-    Each 64-value chunk is one 32-byte load split into low and high nibbles in registers; the
-    products accumulate per lane (``lane_dots``), get their sub-block scale as a lane-wise int32
-    multiply, and are reduced once per super-block. Bounds: |sum| <= 8*32*15*63*128 < 2**31.
+    Each sub-block's products accumulate per lane (``lane_dots``), get the sub-block scale as a
+    lane-wise int32 multiply and are reduced once per super-block; the mins term reuses the
+    activation's 16-value sums. Bounds: |sum| <= 8*32*31*63*128 < 2**31.
     """
-    if not kx_args_ok(w, a, asum):
-        return None
 
-    def codegen(context, builder, sig, args):
-        w, o = intp_args(context, builder, sig, args)[:2]
+    def sums(context, builder, wty, w, o, toks):
+        scales, mins = kx_scales_mins(context, builder, wty, w, builder.add(o, ir.Constant(o.type, 4)))
+        accs = [_ZERO8] * len(toks)
+        for c in range(4):
+            chunk = values(context, builder, wty, w, o, c)
+            for j, v in enumerate(chunk):
+                sc = broadcast(builder, scales, [2 * c + j] * 8)
+                for t, (a, _) in enumerate(toks):
+                    av = load_ref(context, builder, a, _V32I8, 64 * c + 32 * j)
+                    accs[t] = builder.add(accs[t], builder.mul(lane_dots(builder, v, av, _ZERO8), sc))
+        return [
+            (reduce_add(builder, acc), kx_min_term(context, builder, bs, mins))
+            for acc, (_, bs) in zip(accs, toks, strict=True)
+        ]
 
-        def values(c):
-            wv = load_at(context, builder, sig.args[0], w, o, _V32I8, 16 + 32 * c)
-            return builder.and_(wv, _const32(15)), builder.lshr(wv, _const32(4))
+    return sums
 
-        return kx_superblock(context, builder, sig, args, values)
 
-    return types.UniTuple(types.int32, 2)(w, o, a, ao, asum, so), codegen
+def _values(context, builder, wty, w, o, c):
+    wv = load_at(context, builder, wty, w, o, _V32I8, 16 + 32 * c)
+    return builder.and_(wv, _const32(15)), builder.lshr(wv, _const32(4))
+
+
+dot_rows = row_dot_k(TYPE_SIZE, 0, 2, kx_sums(_values))
 
 
 @njit(cache=True, error_model="numpy")
@@ -358,17 +407,10 @@ def dot_row(w, aq, ad, asum):
     """One Q4_K row . one Q8_K activation row, integer sums per super-block like ggml.
 
     Per super-block: d_w*d_a*sum_j sc_j*(q_w . q_a)_j - dmin_w*d_a*sum_j m_j*bsum_j, both integer
-    sums formed by ``superblock_sums`` in SIMD registers; the mins term reuses the activation's
-    16-value sums instead of touching the values again.
+    sums formed in SIMD registers (``kx_sums``), the nibbles split in registers from one 32-byte
+    load per 64 values.
     """
     n = aq.shape[0]
     check_row(n, w.shape[0], TYPE_SIZE)
     check_q8k(n, ad, asum)
-    total = 0.0
-    for i in range(n // 256):
-        o = i * TYPE_SIZE
-        d = f16_at(w, o) * ad[i]
-        dmin = f16_at(w, o + 2) * ad[i]
-        sumi, summ = superblock_sums(w, o, aq, i * 256, asum, i * 16)
-        total += np.float64(d) * np.float64(sumi) - np.float64(dmin) * np.float64(summ)
-    return np.float32(total)
+    return dot_rows(w, (aq,), (ad,), (asum,), n // 256)[0]

@@ -108,7 +108,7 @@ def _values(context, builder, wty, w, o):
     return fifth_bits(builder, load_at(context, builder, wty, w, o, _I32, 2), low), False
 
 
-dot_q5_0_row = row_dot(TYPE_SIZE, _values, 16)
+dot_rows = row_dot(TYPE_SIZE, _values, 16)
 
 
 @njit(cache=True, error_model="numpy")
@@ -117,4 +117,4 @@ def dot_row(w, aq, ad, asum):
     n = aq.shape[0]
     check_blocks(n, w.shape[0], TYPE_SIZE)
     check_q8_0(n, ad, asum)
-    return dot_q5_0_row(w, aq, ad, asum, n // 32)
+    return dot_rows(w, (aq,), (ad,), (asum,), n // 32)[0]

@@ -8,8 +8,7 @@ and ggml's Q5_K search parameters (rmin -0.5, 15 steps); the shared parts live i
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
-from numba.extending import intrinsic
+from numba import njit
 
 from qwenlite.gguf.constants import GGMLType
 from qwenlite.quant.halfprec import f16_bits_to_f32
@@ -17,12 +16,11 @@ from qwenlite.quant.q4_k import (
     check_q8k,
     check_row,
     get_scale_min,
-    intp_args,
-    kx_args_ok,
-    kx_superblock,
+    kx_sums,
     quantize_superblock_kx,
+    row_dot_k,
 )
-from qwenlite.quant.q8_0 import f16_at, load_at
+from qwenlite.quant.q8_0 import load_at
 
 TYPE = GGMLType.Q5_K
 BLOCK_SIZE = 256
@@ -83,31 +81,20 @@ def _bytes(value):
     return ir.Constant(_V32I8, [value] * 32)
 
 
-@intrinsic
-def superblock_sums(typingctx, w, o, a, ao, asum, so):  # noqa: ARG001 - signature fixed by numba
-    """(sum_j sc_j * (q . a)_j, sum_j m_j * bsum_j) in int32 for the Q5_K super-block at ``w[o:]``:
-    Q4_K's ``superblock_sums`` with the fifth bit of sub-block j (bit j of ``qh``) moved to bit 4
-    in registers. Bounds: |sum| <= 8*32*31*63*128 < 2**31.
-    """
-    if not kx_args_ok(w, a, asum):
-        return None
+def _values(context, builder, wty, w, o, c):
+    """Sub-blocks 2c and 2c+1 as 32-value i8 vectors: nibbles plus the fifth bit of sub-block j
+    (bit j of ``qh``) moved to bit 4 in registers."""
+    qh = load_at(context, builder, wty, w, o, _V32I8, 16)
+    wv = load_at(context, builder, wty, w, o, _V32I8, 48 + 32 * c)
+    h1 = builder.and_(builder.lshr(qh, _bytes(2 * c)), _bytes(1))
+    h2 = builder.and_(builder.lshr(qh, _bytes(2 * c + 1)), _bytes(1))
+    return (
+        builder.or_(builder.and_(wv, _bytes(15)), builder.shl(h1, _bytes(4))),
+        builder.or_(builder.lshr(wv, _bytes(4)), builder.shl(h2, _bytes(4))),
+    )
 
-    def codegen(context, builder, sig, args):
-        w, o = intp_args(context, builder, sig, args)[:2]
-        qh = load_at(context, builder, sig.args[0], w, o, _V32I8, 16)
 
-        def values(c):
-            wv = load_at(context, builder, sig.args[0], w, o, _V32I8, 48 + 32 * c)
-            h1 = builder.and_(builder.lshr(qh, _bytes(2 * c)), _bytes(1))
-            h2 = builder.and_(builder.lshr(qh, _bytes(2 * c + 1)), _bytes(1))
-            return (
-                builder.or_(builder.and_(wv, _bytes(15)), builder.shl(h1, _bytes(4))),
-                builder.or_(builder.lshr(wv, _bytes(4)), builder.shl(h2, _bytes(4))),
-            )
-
-        return kx_superblock(context, builder, sig, args, values)
-
-    return types.UniTuple(types.int32, 2)(w, o, a, ao, asum, so), codegen
+dot_rows = row_dot_k(TYPE_SIZE, 0, 2, kx_sums(_values))
 
 
 @njit(cache=True, error_model="numpy")
@@ -119,11 +106,4 @@ def dot_row(w, aq, ad, asum):
     n = aq.shape[0]
     check_row(n, w.shape[0], TYPE_SIZE)
     check_q8k(n, ad, asum)
-    total = 0.0
-    for i in range(n // 256):
-        o = i * TYPE_SIZE
-        d = f16_at(w, o) * ad[i]
-        dmin = f16_at(w, o + 2) * ad[i]
-        sumi, summ = superblock_sums(w, o, aq, i * 256, asum, i * 16)
-        total += np.float64(d) * np.float64(sumi) - np.float64(dmin) * np.float64(summ)
-    return np.float32(total)
+    return dot_rows(w, (aq,), (ad,), (asum,), n // 256)[0]

@@ -12,13 +12,12 @@ the same scale as ggml.
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
-from numba.extending import intrinsic
+from numba import njit
 
 from qwenlite.gguf.constants import GGMLType
 from qwenlite.quant.halfprec import f16_bits_to_f32, f32_to_f16_bits
-from qwenlite.quant.q4_k import check_q8k, check_row, intp_args, kx_args_ok, nearest_int
-from qwenlite.quant.q8_0 import broadcast, f16_at, lane_dots, load_at, reduce_add
+from qwenlite.quant.q4_k import check_q8k, check_row, load_ref, nearest_int, row_dot_k
+from qwenlite.quant.q8_0 import broadcast, lane_dots, load_at, reduce_add
 
 TYPE = GGMLType.Q6_K
 BLOCK_SIZE = 256
@@ -169,44 +168,40 @@ def _bytes(value):
     return ir.Constant(_V32I8, [value] * 32)
 
 
-@intrinsic
-def superblock_sum(typingctx, w, o, a, ao, asum, so):  # noqa: ARG001 - signature fixed by numba
-    """sum_g sc_g * sum_{l<16} (q_l - 32) * a_l in int32 for the Q6_K super-block at ``w[o:]``
-    against the Q8_K activations at ``a[ao:]`` and their 16-value sums at ``asum[so:]``.
+def _sums(context, builder, wty, w, o, toks):
+    """The ``row_dot_k`` emitter for Q6_K: sum_g sc_g * sum_{l<16} (q_l - 32) * a_l per row.
 
     The 6-bit values (0..63) are rebuilt in registers from 32-byte loads of ``ql``/``qh``, dotted
     unsigned with ``lane_dots`` and scaled lane-wise (lanes 0-3 and 4-7 of each 32-value vector
     are two 16-value groups with their own scale); the -32 offset is applied once per group as
     -32*sc_g*bsum_g. Bounds: |sum| <= 16*16*63*128*128 + 32*16*128*2048 < 2**31.
     """
-    if not kx_args_ok(w, a, asum):
-        return None
+    scales = builder.sext(load_at(context, builder, wty, w, o, ir.VectorType(ir.IntType(8), 16), 192), _V16I32)
+    accs = [_ZERO8] * len(toks)
+    for half in range(2):
+        ql0 = load_at(context, builder, wty, w, o, _V32I8, 64 * half)
+        ql1 = load_at(context, builder, wty, w, o, _V32I8, 64 * half + 32)
+        qh = load_at(context, builder, wty, w, o, _V32I8, 128 + 32 * half)
+        values = (
+            builder.or_(builder.and_(ql0, _bytes(15)), builder.shl(builder.and_(qh, _bytes(3)), _bytes(4))),
+            builder.or_(builder.and_(ql1, _bytes(15)), builder.and_(builder.shl(qh, _bytes(2)), _bytes(48))),
+            builder.or_(builder.lshr(ql0, _bytes(4)), builder.and_(qh, _bytes(48))),
+            builder.or_(builder.lshr(ql1, _bytes(4)), builder.and_(builder.lshr(qh, _bytes(2)), _bytes(48))),
+        )
+        for k, v in enumerate(values):
+            g = 8 * half + 2 * k
+            group_scales = broadcast(builder, scales, [g] * 4 + [g + 1] * 4)
+            for t, (a, _) in enumerate(toks):
+                av = load_ref(context, builder, a, _V32I8, 128 * half + 32 * k)
+                accs[t] = builder.add(accs[t], builder.mul(lane_dots(builder, v, av, _ZERO8), group_scales))
+    out = []
+    for acc, (_, bs) in zip(accs, toks, strict=True):
+        offset = reduce_add(builder, builder.mul(scales, load_ref(context, builder, bs, _V16I32)))
+        out.append((builder.sub(reduce_add(builder, acc), builder.shl(offset, ir.Constant(_I32, 5))), None))
+    return out
 
-    def codegen(context, builder, sig, args):
-        w, o, a, ao, asum, so = intp_args(context, builder, sig, args)
-        wty, aty, sty = sig.args[0], sig.args[2], sig.args[4]
-        scales = builder.sext(load_at(context, builder, wty, w, o, ir.VectorType(ir.IntType(8), 16), 192), _V16I32)
-        acc = _ZERO8
-        for half in range(2):
-            ql0 = load_at(context, builder, wty, w, o, _V32I8, 64 * half)
-            ql1 = load_at(context, builder, wty, w, o, _V32I8, 64 * half + 32)
-            qh = load_at(context, builder, wty, w, o, _V32I8, 128 + 32 * half)
-            values = (
-                builder.or_(builder.and_(ql0, _bytes(15)), builder.shl(builder.and_(qh, _bytes(3)), _bytes(4))),
-                builder.or_(builder.and_(ql1, _bytes(15)), builder.and_(builder.shl(qh, _bytes(2)), _bytes(48))),
-                builder.or_(builder.lshr(ql0, _bytes(4)), builder.and_(qh, _bytes(48))),
-                builder.or_(builder.lshr(ql1, _bytes(4)), builder.and_(builder.lshr(qh, _bytes(2)), _bytes(48))),
-            )
-            for k, v in enumerate(values):
-                av = load_at(context, builder, aty, a, ao, _V32I8, 128 * half + 32 * k)
-                g = 8 * half + 2 * k
-                group_scales = broadcast(builder, scales, [g] * 4 + [g + 1] * 4)
-                acc = builder.add(acc, builder.mul(lane_dots(builder, v, av, _ZERO8), group_scales))
-        bsums = load_at(context, builder, sty, asum, so, _V16I32)
-        offset = builder.shl(reduce_add(builder, builder.mul(scales, bsums)), ir.Constant(_I32, 5))
-        return builder.sub(reduce_add(builder, acc), offset)
 
-    return types.int32(w, o, a, ao, asum, so), codegen
+dot_rows = row_dot_k(TYPE_SIZE, 208, None, _sums)
 
 
 @njit(cache=True, error_model="numpy")
@@ -214,14 +209,9 @@ def dot_row(w, aq, ad, asum):
     """One Q6_K row . one Q8_K activation row, integer sums per super-block like ggml.
 
     Per super-block d_w*d_a*sum_g sc_g*(q_w . q_a)_g with q_w in -32..31, the integer sum formed
-    in SIMD registers by ``superblock_sum``.
+    in SIMD registers by ``_sums``.
     """
     n = aq.shape[0]
     check_row(n, w.shape[0], TYPE_SIZE)
     check_q8k(n, ad, asum)
-    total = 0.0
-    for i in range(n // 256):
-        o = i * TYPE_SIZE
-        d = f16_at(w, o + 208) * ad[i]
-        total += np.float64(d) * np.float64(superblock_sum(w, o, aq, i * 256, asum, i * 16))
-    return np.float32(total)
+    return dot_rows(w, (aq,), (ad,), (asum,), n // 256)[0]

@@ -203,25 +203,6 @@ def f16_to_f32(builder, bits, f16c=_HAS_F16C):
     return builder.bitcast(builder.or_(out, sign), _F32T)
 
 
-@intrinsic
-def f16_at(typingctx, buf, o):  # noqa: ARG001 - signature fixed by numba
-    """The little-endian f16 at byte offset ``o`` of the uint8 array ``buf``, as float32.
-
-    Same value as ``load_f16``, but through ``f16_to_f32``: with F16C a hardware conversion.
-    The integer decode multiplies a float32 subnormal for small halves (K-quant mins are often
-    below 2**-14), and subnormal operands cost a microcode assist on every block.
-    """
-    if not (isinstance(buf, types.Array) and buf.dtype == types.uint8 and isinstance(o, types.Integer)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        off = context.cast(builder, args[1], sig.args[1], types.intp)
-        bits = _load_vector(context, builder, sig.args[0], args[0], types.intp, off, ir.IntType(16))
-        return f16_to_f32(builder, bits)
-
-    return types.float32(buf, o), codegen
-
-
 def nibbles(builder, packed):
     """16 packed bytes -> 32 values: low nibbles are values 0..15, high nibbles values 16..31."""
     lo = builder.and_(packed, ir.Constant(_V16I8, [15] * 16))
@@ -257,8 +238,13 @@ def _check_dot_args(w, a):
     )
 
 
+def _is_rows(tup, dtype):
+    return isinstance(tup, types.UniTuple) and isinstance(tup.dtype, types.Array) and tup.dtype.dtype == dtype
+
+
 def row_dot(type_size, values, offset, min_at=None):
-    """Build the row dot intrinsic ``(w, aq, ad, asum, nb) -> float32`` of a 32-value block format.
+    """Build the row dot intrinsic of a 32-value block format:
+    ``(w, aqs, ads, asums, nb) -> (float32,) * n`` for ``n`` activation rows given as tuples.
 
     ``values(context, builder, wty, w, o) -> (vector, signed)`` gives block ``o``'s 32 weight
     integers as an i8 vector (the f16 scale ``d`` is at ``w[o]``); ``offset`` is the constant the
@@ -266,48 +252,62 @@ def row_dot(type_size, values, offset, min_at=None):
     the byte offset of an f16 minimum ``m`` in the block (Q5_1: ``x = d*q + m``).
 
     The whole row is one IR loop: per block, ``lane_dots`` seeded with the offset term gives 8
-    int32 lanes, which are converted and scaled by d_w*d_a into 8 float32 accumulators (two sets,
-    alternating blocks, so the adds do not wait on each other). Only the end of the row reduces
-    across lanes, where the per-block horizontal sums of the previous kernels cost more than the
-    products. Float32 accumulation of exact int32 block sums, as ggml does.
+    int32 lanes per activation row, which are converted and scaled by d_w*d_a into 8 float32
+    accumulators per row (two sets, alternating blocks, so the adds do not wait on each other).
+    Only the end of the row reduces across lanes. Each weight block is unpacked once for all
+    ``n`` rows, which is what makes prefill compute-efficient. Float32 accumulation of exact
+    int32 block sums, as ggml does.
     """
 
     @intrinsic
-    def dot(typingctx, w, a, ad, asum, nb):  # noqa: ARG001 - signature fixed by numba
-        if not (_check_dot_args(w, a) and isinstance(nb, types.Integer)):
+    def dot(typingctx, w, aqs, ads, asums, nb):  # noqa: ARG001 - signature fixed by numba
+        ok = (
+            isinstance(w, types.Array) and w.dtype in (types.uint8, types.int8)
+            and _is_rows(aqs, types.int8) and _is_rows(ads, types.float32) and _is_rows(asums, types.int32)
+            and aqs.count == ads.count == asums.count and isinstance(nb, types.Integer)
+        )
+        if not ok:
             return None
+        n = aqs.count
 
         def codegen(context, builder, sig, args):
-            wty, aty, adty, sty = sig.args[:4]
-            w, a, ad, asum = args[:4]
+            wty = sig.args[0]
+            w = args[0]
+            rows = [
+                list(zip((ty.dtype,) * n, cgutils.unpack_tuple(builder, val, n), strict=True))
+                for ty, val in zip(sig.args[1:4], args[1:4], strict=True)
+            ]
             intp = context.get_value_type(types.intp)
             nb = context.cast(builder, args[4], sig.args[4], types.intp)
-            accs = [cgutils.alloca_once_value(builder, ir.Constant(_V8F32, [0.0] * 8)) for _ in range(2)]
-            macc = cgutils.alloca_once_value(builder, ir.Constant(_F32T, 0.0))
+            zero = ir.Constant(_V8F32, [0.0] * 8)
+            accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(n)] for _ in range(2)]
+            maccs = [cgutils.alloca_once_value(builder, ir.Constant(_F32T, 0.0)) for _ in range(n)]
 
             def block(i, acc):
                 o = builder.mul(i, ir.Constant(intp, type_size))
-                da = load_at(context, builder, adty, ad, i, _F32T)
-                bsum = load_at(context, builder, sty, asum, i, _I32)
-                d = builder.fmul(f16_to_f32(builder, load_at(context, builder, wty, w, o, ir.IntType(16))), da)
-                wv, signed = values(context, builder, wty, w, o)
-                av = load_at(context, builder, aty, a, builder.mul(i, ir.Constant(intp, 32)), _V32I8)
-                if signed and SIMD_ISA == "vnni":
-                    wv = builder.xor(wv, ir.Constant(_V32I8, [0x80] * 32))  # q+128 >= 0 for vpdpbusd
-                    bias = offset + 128
-                else:
-                    bias = offset
-                seed = ir.Constant(_V8I32, [0] * 8)
-                if bias:
-                    corr = builder.mul(bsum, ir.Constant(_I32, -bias))
-                    seed = builder.insert_element(seed, corr, ir.Constant(_I32, 0))
-                lanes = lane_dots(builder, wv, av, seed, signed=signed and SIMD_ISA != "vnni")
-                scaled = _fmuladd(builder, builder.sitofp(lanes, _V8F32), _splat(builder, d, _V8F32), builder.load(acc))
-                builder.store(scaled, acc)
+                dw = f16_to_f32(builder, load_at(context, builder, wty, w, o, ir.IntType(16)))
                 if min_at is not None:
                     mo = builder.add(o, ir.Constant(intp, min_at))
-                    m = builder.fmul(f16_to_f32(builder, load_at(context, builder, wty, w, mo, ir.IntType(16))), da)
-                    builder.store(builder.fadd(builder.load(macc), builder.fmul(m, builder.sitofp(bsum, _F32T))), macc)
+                    mw = f16_to_f32(builder, load_at(context, builder, wty, w, mo, ir.IntType(16)))
+                wv, signed = values(context, builder, wty, w, o)
+                bias = offset
+                if signed and SIMD_ISA == "vnni":
+                    wv = builder.xor(wv, ir.Constant(_V32I8, [0x80] * 32))  # q+128 >= 0 for vpdpbusd
+                    bias += 128
+                for t in range(n):
+                    da = load_at(context, builder, *rows[1][t], i, _F32T)
+                    bsum = load_at(context, builder, *rows[2][t], i, _I32)
+                    av = load_at(context, builder, *rows[0][t], builder.mul(i, ir.Constant(intp, 32)), _V32I8)
+                    seed = ir.Constant(_V8I32, [0] * 8)
+                    if bias:
+                        corr = builder.mul(bsum, ir.Constant(_I32, -bias))
+                        seed = builder.insert_element(seed, corr, ir.Constant(_I32, 0))
+                    lanes = lane_dots(builder, wv, av, seed, signed=signed and SIMD_ISA != "vnni")
+                    d = _splat(builder, builder.fmul(dw, da), _V8F32)
+                    builder.store(_fmuladd(builder, builder.sitofp(lanes, _V8F32), d, builder.load(acc[t])), acc[t])
+                    if min_at is not None:
+                        term = builder.fmul(builder.fmul(mw, da), builder.sitofp(bsum, _F32T))
+                        builder.store(builder.fadd(builder.load(maccs[t]), term), maccs[t])
 
             two = ir.Constant(intp, 2)
             with cgutils.for_range(builder, builder.sdiv(nb, two)) as loop:
@@ -317,17 +317,19 @@ def row_dot(type_size, values, offset, min_at=None):
             odd = builder.icmp_signed("!=", builder.srem(nb, two), ir.Constant(intp, 0))
             with builder.if_then(odd):
                 block(builder.sub(nb, ir.Constant(intp, 1)), accs[0])
-            total = builder.fadd(builder.load(accs[0]), builder.load(accs[1]))
-            v8f64 = ir.VectorType(ir.DoubleType(), 8)
-            wide = builder.fpext(total, v8f64)
-            for width in (4, 2, 1):
-                halves = [ir.Constant(ir.VectorType(_I32, width), list(range(k, k + width))) for k in (0, width)]
-                wide = builder.fadd(*(builder.shuffle_vector(wide, wide, h) for h in halves))
-            result = builder.extract_element(wide, ir.Constant(_I32, 0))
-            result = builder.fadd(result, builder.fpext(builder.load(macc), ir.DoubleType()))
-            return builder.fptrunc(result, _F32T)
+            results = []
+            for t in range(n):
+                total = builder.fadd(builder.load(accs[0][t]), builder.load(accs[1][t]))
+                wide = builder.fpext(total, ir.VectorType(ir.DoubleType(), 8))
+                for width in (4, 2, 1):
+                    halves = [ir.Constant(ir.VectorType(_I32, width), list(range(k, k + width))) for k in (0, width)]
+                    wide = builder.fadd(*(builder.shuffle_vector(wide, wide, h) for h in halves))
+                result = builder.extract_element(wide, ir.Constant(_I32, 0))
+                result = builder.fadd(result, builder.fpext(builder.load(maccs[t]), ir.DoubleType()))
+                results.append(builder.fptrunc(result, _F32T))
+            return context.make_tuple(builder, sig.return_type, results)
 
-        return types.float32(w, a, ad, asum, nb), codegen
+        return types.UniTuple(types.float32, n)(w, aqs, ads, asums, nb), codegen
 
     return dot
 
@@ -336,7 +338,7 @@ def _q8_values(context, builder, wty, w, o):
     return load_at(context, builder, wty, w, o, _V32I8, 2), True
 
 
-dot_q8_row = row_dot(TYPE_SIZE, _q8_values, 0)
+dot_rows = row_dot(TYPE_SIZE, _q8_values, 0)
 
 
 @njit(cache=True, error_model="numpy")
@@ -378,4 +380,4 @@ def dot_row(w, aq, ad, asum):
     n = aq.shape[0]
     check_blocks(n, w.shape[0], TYPE_SIZE)
     check_q8_0(n, ad, asum)
-    return dot_q8_row(w, aq, ad, asum, n // 32)
+    return dot_rows(w, (aq,), (ad,), (asum,), n // 32)[0]
