@@ -100,7 +100,7 @@ def _load_vector(context, builder, aryty, ary, offty, off, vecty):
     return builder.load(builder.bitcast(ptr, vecty.as_pointer()), align=1, typ=vecty)
 
 
-def _target_features() -> frozenset[str]:
+def target_features() -> frozenset[str]:
     """The CPU features Numba compiles for (``NUMBA_CPU_FEATURES`` if set, else the host's)."""
     flat = config.CPU_FEATURES if config.CPU_FEATURES is not None else get_host_cpu_features()
     return frozenset(f[1:] for f in flat.split(",") if f.startswith("+"))
@@ -119,7 +119,7 @@ def simd_isa(features: frozenset[str]) -> str:
     return "generic"
 
 
-SIMD_ISA = simd_isa(_target_features())
+SIMD_ISA = simd_isa(target_features())
 
 _V8I32 = ir.VectorType(_I32, 8)
 _V16I16 = ir.VectorType(ir.IntType(16), 16)
@@ -177,7 +177,7 @@ def load_at(context, builder, aryty, ary, off, vecty, extra=0):
     return _load_vector(context, builder, aryty, ary, types.intp, off, vecty)
 
 
-_HAS_F16C = "f16c" in _target_features()
+_HAS_F16C = "f16c" in target_features()
 _F32T = ir.FloatType()
 _V8F32 = ir.VectorType(_F32T, 8)
 
