@@ -13,7 +13,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
 from converters.hf_to_gguf import convert
-from qwenlite.kernels.ops import attention, rms_norm, rope_neox, rope_tables, store_kv, swiglu
+from qwenlite.kernels.ops import PARALLEL_ATTENTION_WORK, attention, rms_norm, rope_neox, rope_tables, store_kv, swiglu
 
 RNG = np.random.default_rng(0)
 
@@ -68,8 +68,12 @@ def test_rope_neox_matches_transformers() -> None:
     np.testing.assert_allclose(ours, ref[0].numpy().transpose(1, 0, 2).reshape(T, H * hd), atol=1e-5)
 
 
-def test_causal_gqa_attention_over_cache() -> None:
-    n_head, n_kv, hd, n_ctx, pos0, T = 6, 2, 8, 32, 4, 5
+@pytest.mark.parametrize(("n_head", "n_kv", "hd", "pos0", "T"), [(6, 2, 8, 4, 5), (8, 2, 64, 200, 9)])
+def test_causal_gqa_attention_over_cache(n_head: int, n_kv: int, hd: int, pos0: int, T: int) -> None:
+    """Both drivers: the small case runs serially, the large one on the thread pool."""
+    n_ctx = pos0 + T + 3
+    small = T * n_head * (pos0 + T) * hd * 2 < PARALLEL_ATTENTION_WORK
+    assert small == (pos0 == 4)
     k_cache = np.zeros((n_kv, n_ctx, hd), np.float32)
     v_cache = np.zeros_like(k_cache)
     keys = RNG.standard_normal((pos0 + T, n_kv * hd)).astype(np.float32)

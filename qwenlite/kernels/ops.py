@@ -1,7 +1,10 @@
 """The transformer's non-matmul ops as Numba kernels: RMSNorm, RoPE (NEOX), SwiGLU, causal GQA attention.
 
-All work on float32 rows ``[T, ...]`` (T tokens at once for prefill, T=1 for decode) and are parallel
-over rows or heads. Reductions accumulate in float32 local scalars like ggml does on the CPU.
+All work on float32 rows ``[T, ...]`` (T tokens at once for prefill, T=1 for decode). The elementwise
+ops are serial on purpose: at T=1 they take microseconds, less than waking a thread pool (measured
+70-120 us a call when they were parallel), and in prefill they stay small next to the matmuls.
+Attention is parallel over (token, head) pairs because it grows with the context. Reductions
+accumulate in float32 local scalars like ggml does on the CPU.
 """
 
 from __future__ import annotations
@@ -12,12 +15,12 @@ import numpy as np
 from numba import njit, prange
 
 
-@njit(cache=True, parallel=True, fastmath=True)
+@njit(cache=True, fastmath=True)
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """y = x / sqrt(mean(x^2) + eps) * weight, per row of ``x [T, d]``."""
     T, d = x.shape
     out = np.empty_like(x)
-    for t in prange(T):
+    for t in range(T):
         ss = np.float32(0.0)
         for i in range(d):
             ss += x[t, i] * x[t, i]
@@ -58,13 +61,13 @@ def rope_tables(
     ).astype(np.float32)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def rope_neox(x: np.ndarray, n_heads: int, pos0: int, cos: np.ndarray, sin: np.ndarray) -> None:
     """Rotate ``x [T, n_heads*hd]`` in place: pairs (i, i + hd/2) of each head, positions pos0..pos0+T-1."""
     T = x.shape[0]
     hd = x.shape[1] // n_heads
     half = hd // 2
-    for t in prange(T):
+    for t in range(T):
         p = pos0 + t
         for h in range(n_heads):
             base = h * hd
@@ -77,58 +80,79 @@ def rope_neox(x: np.ndarray, n_heads: int, pos0: int, cos: np.ndarray, sin: np.n
                 x[t, base + half + i] = a * s + b * c
 
 
-@njit(cache=True, parallel=True, fastmath=True)
+@njit(cache=True, fastmath=True)
 def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     """silu(gate) * up, elementwise over ``[T, n_ff]``."""
     T, n = gate.shape
     out = np.empty_like(gate)
-    for t in prange(T):
+    for t in range(T):
         for i in range(n):
             g = gate[t, i]
             out[t, i] = g / (np.float32(1.0) + np.exp(-g)) * up[t, i]
     return out
 
 
-@njit(cache=True, parallel=True, fastmath=True)
-def attention(
-    q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos0: int, n_heads: int
-) -> np.ndarray:
+@njit(cache=True, fastmath=True)
+def _attend(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos0: int, n_heads: int, job: int,
+            out: np.ndarray) -> None:
+    """One (token, head) pair: softmax(q k^T / sqrt(hd)) v over the keys up to the token's position."""
+    n_kv, _, hd = k_cache.shape
+    t = job // n_heads
+    h = job % n_heads
+    kvh = h // (n_heads // n_kv)
+    n_keys = pos0 + t + 1
+    scale = np.float32(1.0 / math.sqrt(hd))
+    scores = np.empty(n_keys, dtype=np.float32)
+    qv = q[t, h * hd : (h + 1) * hd]
+    best = np.float32(-np.inf)
+    for j in range(n_keys):
+        s = np.float32(0.0)
+        for i in range(hd):
+            s += qv[i] * k_cache[kvh, j, i]
+        s *= scale
+        scores[j] = s
+        best = max(best, s)
+    total = np.float32(0.0)
+    for j in range(n_keys):
+        e = np.exp(scores[j] - best)
+        scores[j] = e
+        total += e
+    inv = np.float32(1.0) / total
+    o = out[t, h * hd : (h + 1) * hd]
+    for j in range(n_keys):
+        w = scores[j] * inv
+        for i in range(hd):
+            o[i] += w * v_cache[kvh, j, i]
+
+
+@njit(cache=True)
+def _attention_serial(q, k_cache, v_cache, pos0, n_heads, out):  # noqa: ANN001, ANN202
+    for job in range(q.shape[0] * n_heads):
+        _attend(q, k_cache, v_cache, pos0, n_heads, job, out)
+
+
+@njit(cache=True, parallel=True)
+def _attention_parallel(q, k_cache, v_cache, pos0, n_heads, out):  # noqa: ANN001, ANN202
+    for job in prange(q.shape[0] * n_heads):
+        _attend(q, k_cache, v_cache, pos0, n_heads, job, out)
+
+
+# Below this many multiply-adds a thread pool wake-up costs more than it saves.
+PARALLEL_ATTENTION_WORK = 1 << 18
+
+
+def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos0: int, n_heads: int) -> np.ndarray:
     """Causal GQA attention for queries ``q [T, n_heads*hd]`` at positions pos0..pos0+T-1.
 
     ``k_cache``/``v_cache`` are one layer's ``[n_kv, n_ctx, hd]`` with the new keys already stored.
-    Query head h reads kv head h // (n_heads / n_kv). Parallel over (token, head) pairs.
+    Query head h reads kv head h // (n_heads / n_kv).
     """
     T = q.shape[0]
-    n_kv, _, hd = k_cache.shape
-    group = n_heads // n_kv
-    scale = np.float32(1.0 / math.sqrt(hd))
+    hd = k_cache.shape[2]
     out = np.zeros((T, n_heads * hd), dtype=np.float32)
-    for job in prange(T * n_heads):
-        t = job // n_heads
-        h = job % n_heads
-        kvh = h // group
-        n_keys = pos0 + t + 1
-        scores = np.empty(n_keys, dtype=np.float32)
-        qv = q[t, h * hd : (h + 1) * hd]
-        best = np.float32(-np.inf)
-        for j in range(n_keys):
-            s = np.float32(0.0)
-            for i in range(hd):
-                s += qv[i] * k_cache[kvh, j, i]
-            s *= scale
-            scores[j] = s
-            best = max(best, s)
-        total = np.float32(0.0)
-        for j in range(n_keys):
-            e = np.exp(scores[j] - best)
-            scores[j] = e
-            total += e
-        inv = np.float32(1.0) / total
-        o = out[t, h * hd : (h + 1) * hd]
-        for j in range(n_keys):
-            w = scores[j] * inv
-            for i in range(hd):
-                o[i] += w * v_cache[kvh, j, i]
+    work = T * n_heads * (pos0 + T) * hd * 2
+    run = _attention_parallel if work >= PARALLEL_ATTENTION_WORK else _attention_serial
+    run(q, k_cache, v_cache, pos0, n_heads, out)
     return out
 
 
