@@ -53,6 +53,9 @@ class MoEResult:
     quick: dict[str, float] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     threads: int = 2
+    n_prompt: int = 0
+    n_gen: int = 0
+    reps: int = 0
 
 
 PROMPT_IDS = [9707, 1879, 13, 576, 3974, 374, 264, 1273]
@@ -133,7 +136,7 @@ def _cell(samples: list[float] | None) -> str:
     return fmt(samples, 2) if samples else "–"
 
 
-def render(results: list[MoEResult], args: argparse.Namespace) -> str:
+def render(results: list[MoEResult]) -> str:
     lines = [
         "## Qwen2-MoE (synthetic full-size files)",
         "",
@@ -157,13 +160,14 @@ def render(results: list[MoEResult], args: argparse.Namespace) -> str:
     if timed:
         lines += [
             "",
-            f"pp{args.n_prompt} / tg{args.n_gen} as in the side-by-side section (llama-bench definitions, "
-            f"{args.threads} threads, {args.reps} interleaved ABBA repetitions, one process each, tok/s mean ± std; "
-            "decode GB/s = measured bytes per token x tg).",
+            "pp (prompt of P tokens) / tg (G decoded tokens) as in the side-by-side section (llama-bench "
+            "definitions, interleaved ABBA repetitions, one process each, tok/s mean ± std; "
+            "decode GB/s = measured bytes per token x tg). Other users share the 2 cores: repetitions vary by "
+            "up to 5x with their load, so read the standard deviations.",
             "",
-            f"| file | qwenlite pp{args.n_prompt} | llama.cpp pp{args.n_prompt} | ratio | qwenlite tg{args.n_gen} | "
-            f"llama.cpp tg{args.n_gen} | ratio | qwenlite decode GB/s | llama.cpp decode GB/s |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| file | P / G / threads / reps | qwenlite pp | llama.cpp pp | ratio | qwenlite tg | llama.cpp tg | ratio "
+            "| qwenlite decode GB/s | llama.cpp decode GB/s |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in timed:
             s = r.samples
@@ -172,7 +176,8 @@ def render(results: list[MoEResult], args: argparse.Namespace) -> str:
                 for k in ("qwenlite tg", "llama.cpp tg")
             ]
             lines.append(
-                f"| {r.name} | {_cell(s.get('qwenlite pp'))} | {_cell(s.get('llama.cpp pp'))} | {_ratio(r, 'pp')} | "
+                f"| {r.name} | {r.n_prompt} / {r.n_gen} / {r.threads} / {r.reps} | {_cell(s.get('qwenlite pp'))} | "
+                f"{_cell(s.get('llama.cpp pp'))} | {_ratio(r, 'pp')} | "
                 f"{_cell(s.get('qwenlite tg'))} | {_cell(s.get('llama.cpp tg'))} | {_ratio(r, 'tg')} | "
                 f"{gbs[0]} | {gbs[1]} |"
             )
@@ -182,11 +187,11 @@ def render(results: list[MoEResult], args: argparse.Namespace) -> str:
             lines += [
                 "",
                 f"{r.name}: larger than this machine's {_ram_gb():.0f} GB of RAM, so qwenlite only, through mmap "
-                f"from a cold page cache, {r.threads} threads: load {q['load_s']:.1f} s, prefill of "
+                f"(no copy of the weights), {r.threads} threads: load {q['load_s']:.1f} s, prefill of "
                 f"{len(PROMPT_IDS)} tokens {q['prefill_s']:.1f} s, first decoded token {q['first_token_s']:.1f} s, "
                 f"next {int(q['n_tokens']) - 1} tokens {q['later_tokens_s']:.1f} s each "
                 f"({1 / q['later_tokens_s']:.2f} tok/s), peak RSS {q['peak_rss_mb']:.0f} MB. Disk-bound: a token "
-                f"reads {r.bound_bytes / 1e9:.1f} GB of weights, most of them not in the page cache.",
+                f"reads {r.bound_bytes / 1e9:.1f} GB of weights, and the page cache cannot hold the file.",
             ]
     errors = [f"- {r.name}: {e}" for r in results for e in r.errors]
     if errors:
@@ -221,7 +226,7 @@ def main() -> None:
     results = load_results(args.results)
     for path in args.files:
         res = measure_bytes(path, args.threads, args.decode)
-        res.threads = args.threads
+        res.threads, res.n_prompt, res.n_gen, res.reps = args.threads, args.n_prompt, args.n_gen, args.reps
         print(
             f"{path.name}: active bound {res.bound_bytes / 1e6:.1f} MB/token, measured {res.measured_bytes / 1e6:.1f}"
         )
@@ -229,7 +234,7 @@ def main() -> None:
             measure_speed(res, path, args.n_prompt, args.n_gen, args.threads, args.reps)
         results[res.name] = res
         args.results.write_text(json.dumps({k: asdict(v) for k, v in results.items()}, indent=1))
-    text = render(list(results.values()), args)
+    text = render(list(results.values()))
     print(text)
     update_section("moe", text)
 
