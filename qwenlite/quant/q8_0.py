@@ -177,29 +177,33 @@ def load_at(context, builder, aryty, ary, off, vecty, extra=0):
     return _load_vector(context, builder, aryty, ary, types.intp, off, vecty)
 
 
-_HAS_F16C = "f16c" in target_features()
 _F32T = ir.FloatType()
 _V8F32 = ir.VectorType(_F32T, 8)
 
 
-def f16_to_f32(builder, bits, f16c=_HAS_F16C):
-    """IR: the float32 value of the f16 bit pattern ``bits`` (i16).
+def f16_to_f32(builder, bits):
+    """IR: the float32 value of the f16 bit pattern ``bits`` (i16), exact for every pattern.
 
-    With F16C this is one ``vcvtph2ps``; otherwise the branch-free integer decode of
-    ``halfprec.f16_bits_to_f32`` (a plain ``fpext half`` would become a libcall there).
+    Integer-only for normal, infinite and NaN halves (rebias the exponent by 112); subnormal
+    halves are their mantissa times 2**-24, a product of normal floats. Two faster-looking forms
+    lose here: ``fpext half`` (vcvtph2ps) is lowered with a vpinsrw into whatever register is
+    free, a false dependency that chained each block's scale to the previous block's accumulator
+    (about 3x slower row loops), and the multiply-by-2**112 decode of ``halfprec`` feeds float32
+    subnormals to the multiplier for small scales (K-quant mins), which costs a microcode assist.
     """
-    if f16c:
-        return builder.fpext(builder.bitcast(bits, ir.HalfType()), _F32T)
 
     def c(v):
         return ir.Constant(_I32, v)
 
     hb = builder.zext(bits, _I32)
     sign = builder.shl(builder.and_(hb, c(0x8000)), c(16))
-    body = builder.shl(builder.and_(hb, c(0x7FFF)), c(13))
-    scaled = builder.fmul(builder.bitcast(body, _F32T), ir.Constant(_F32T, 2.0**112))
-    special = builder.icmp_unsigned(">=", body, c(0x0F800000))
-    out = builder.select(special, builder.or_(body, c(0x7F800000)), builder.bitcast(scaled, _I32))
+    em = builder.and_(hb, c(0x7FFF))
+    body = builder.shl(em, c(13))
+    normal = builder.add(body, c(112 << 23))
+    special = builder.or_(body, c(0x7F800000))
+    tiny = builder.bitcast(builder.fmul(builder.sitofp(em, _F32T), ir.Constant(_F32T, 2.0**-24)), _I32)
+    out = builder.select(builder.icmp_unsigned("<", em, c(0x0400)), tiny, normal)
+    out = builder.select(builder.icmp_unsigned(">=", em, c(0x7C00)), special, out)
     return builder.bitcast(builder.or_(out, sign), _F32T)
 
 
