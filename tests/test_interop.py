@@ -302,8 +302,7 @@ def _dequantized_checkpoint(hf_dir: Path, gguf_path: Path, out: Path) -> Path:
     state: dict[str, np.ndarray] = {}
     for t in GGUFReader(gguf_path).tensors:
         values = dequantize(t.data, t.tensor_type).astype(np.float32).reshape(-1)
-        rest = t.name.split(".", 2)[2] if t.name.startswith("blk.") else ""
-        layer = t.name.split(".")[1]
+        _, layer, rest = t.name.split(".", 2) if t.name.startswith("blk.") else ("", "", "")
         if rest in _EXPERTS:
             names = [f"model.layers.{layer}.mlp.experts.{e}.{_EXPERTS[rest]}.weight" for e in range(int(t.shape[-1]))]
         elif rest in _MOE_NAMES:
