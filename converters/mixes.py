@@ -130,25 +130,53 @@ def _fallback(qtype: GGMLType, ncols: int) -> GGMLType:
     return out
 
 
+def _layer_rank(names: Sequence[str]) -> list[int]:
+    """Position of each tensor when sorted by layer number (then name), as llama-quantize walks them."""
+
+    def key(i: int) -> tuple[int, str]:
+        m = _LAYER.match(names[i])
+        return (int(m.group(1)) if m else -1, names[i])
+
+    rank = [0] * len(names)
+    for r, i in enumerate(sorted(range(len(names)), key=key)):
+        rank[i] = r
+    return rank
+
+
 def choose_types(
-    tensors: Sequence[tuple[str, Sequence[int]]], ftype: str | FileType, n_layer: int, n_expert: int = 0
+    tensors: Sequence[tuple[str, Sequence[int]]],
+    ftype: str | FileType,
+    n_layer: int,
+    n_expert: int = 0,
+    counter_order: str = "layer",
 ) -> list[GGMLType | None]:
     """The ggml type of each tensor, given in file order as ``(name, numpy shape)``.
 
     ``None`` means "not quantizable: keep the tensor's own type" (the converter stores those as F32).
     ``n_expert`` is ``<arch>.expert_count`` (0 for dense models), ``n_layer`` the block count.
+
+    llama-quantize counts the attn_v (and dense ffn_down) tensors it has seen to decide which get
+    more bits. Current llama.cpp walks the tensors sorted by layer number (``counter_order="layer"``,
+    the default); releases before that fix (llama.cpp #9005) walked them in file order, and files such
+    as the published Qwen2.5-Coder GGUFs, stored blk.0, blk.1, blk.10, ..., were made that way:
+    ``counter_order="file"`` reproduces them.
     """
+    if counter_order not in ("layer", "file"):
+        raise QwenliteError(f"counter_order must be 'layer' or 'file', not {counter_order!r}")
     ft = ftype if isinstance(ftype, FileType) else file_type(ftype)
     base = ft.base
     names = [name for name, _ in tensors]
     tied = "output.weight" not in names
     n_attn_v = sum(1 for n in names if _category(n) == "attn_v")
-    i_attn_v = 0
-    i_ffn_down = 0
     k_mix = ft.name in ("q4_k_m", "q5_k_m")
+    walk = _layer_rank(names) if counter_order == "layer" else list(range(len(names)))
+    counters = {}
+    for cat in ("attn_v", "ffn_down"):
+        seen = sorted((walk[i], i) for i, n in enumerate(names) if _category(n) == cat)
+        counters.update({i: c for c, (_, i) in enumerate(seen)})
 
     out: list[GGMLType | None] = []
-    for name, shape in tensors:
+    for index, (name, shape) in enumerate(tensors):
         if not allows_quantization(name, shape):
             out.append(None)
             continue
@@ -164,16 +192,15 @@ def choose_types(
             elif base != GGMLType.Q8_0:
                 qtype = GGMLType.Q6_K
         elif cat == "attn_v":
-            if k_mix and use_more_bits(i_attn_v, n_attn_v):
+            if k_mix and use_more_bits(counters[index], n_attn_v):
                 qtype = GGMLType.Q6_K
             if n_expert == 8:
                 qtype = GGMLType.Q8_0
-            i_attn_v += 1
         elif cat == "attn_k":
             if n_expert == 8:
                 qtype = GGMLType.Q8_0
         elif cat == "ffn_down":
-            i_layer = i_ffn_down
+            i_layer = counters[index]
             if max(1, n_expert) > 1:
                 m = _LAYER.match(name)
                 if m is None or int(m.group(1)) >= n_layer:
@@ -181,7 +208,6 @@ def choose_types(
                 i_layer = int(m.group(1))
             if k_mix and use_more_bits(i_layer, n_layer):
                 qtype = GGMLType.Q6_K
-            i_ffn_down += 1
         elif cat == "attn_output" and n_expert == 8 and ft.name == "q4_k_m":
             qtype = GGMLType.Q5_K
         out.append(_fallback(qtype, ncols))

@@ -92,14 +92,6 @@ MODELS: dict[str, tuple[Any, dict[str, Any]]] = {
 }  # fmt: skip
 RUN_MODELS = ("dense", "moe")  # decoded and compared; "tied" and "deep" only feed the mix check
 
-# Known difference, reported to the lead: qwenlite's mixes count layers for use_more_bits in file
-# order, as the llama.cpp that made the real 0.5B file did; the peer's llama-quantize iterates its
-# weights sorted by layer number (llama_model_loader::weight_name_comparer).
-LAYER_ORDER = pytest.mark.xfail(
-    strict=True,
-    reason="use_more_bits layer counter: qwenlite counts in file order, this llama-quantize in layer order",
-)
-
 # Metadata that legitimately differs: llama.cpp derives a display name and size label from the
 # directory, and qwenlite writes the top-k renormalization flag llama.cpp's qwen2moe lacks.
 OWN_KEYS = {"general.name", "general.size_label", "qwen2moe.expert_weights_norm"}
@@ -235,7 +227,7 @@ def test_every_tensor_equals_llama_cpp(models: dict[str, Model], name: str, ftyp
 
 
 @pytest.mark.parametrize("ftype", MIXES)
-@pytest.mark.parametrize("name", [pytest.param(n, marks=LAYER_ORDER) if n == "deep" else n for n in MODELS])
+@pytest.mark.parametrize("name", list(MODELS))
 def test_mix_chooses_llama_quantize_types(models: dict[str, Model], name: str, ftype: str) -> None:
     """``plan`` (what convert would write) against llama-quantize's file, tensor by tensor."""
     m = models[name]

@@ -21,11 +21,20 @@ T = GGMLType
 
 
 def test_real_q4_k_m_file_types(real_model_path: Path) -> None:
+    """The published file predates llama.cpp #9005 (counters in file order): ``counter_order="file"``
+    reproduces every type; today's rule (layer order) differs exactly where the two counters disagree."""
     with GGUFFile(real_model_path) as f:
         tensors = list(f)
-        chosen = choose_types([(t.name, t.shape) for t in tensors], "q4_k_m", f.metadata["qwen2.block_count"])
+        listing = [(t.name, t.shape) for t in tensors]
+        chosen = choose_types(listing, "q4_k_m", f.metadata["qwen2.block_count"], counter_order="file")
         got = {t.name: (c or t.qtype) for t, c in zip(tensors, chosen)}
         assert got == {t.name: t.qtype for t in tensors}
+        today = choose_types(listing, "q4_k_m", 24)
+        changed = {t.name for t, a, b in zip(tensors, chosen, today) if a != b}
+        order = [int(n.split(".")[1]) for n, _ in listing if n.endswith("attn_v.weight")]
+        expect = {f"blk.{layer}.{kind}.weight" for pos, layer in enumerate(order)
+                  if use_more_bits(pos, 24) != use_more_bits(layer, 24) for kind in ("attn_v", "ffn_down")}
+        assert changed == expect and len(changed) == 32
         # the file is in alphabetical order, so the attn_v counter differs from the layer number:
         names = [t.name for t in tensors if t.name.endswith("attn_v.weight")]
         assert names[:3] == ["blk.0.attn_v.weight", "blk.1.attn_v.weight", "blk.10.attn_v.weight"]
@@ -180,11 +189,13 @@ def test_unknown_type_and_bad_layer() -> None:
 
 def test_converting_the_real_checkpoint_plans_the_llama_cpp_file(hf_reference_dir: Path, real_model_path: Path) -> None:
     """The 0.5B model as an HF checkpoint (rebuilt from the GGUF): a q4_k_m conversion would write
-    exactly the tensors, shapes, types and order of llama.cpp's own Q4_K_M file. This needs the
-    converter's llama.cpp tensor order (blk.0, blk.1, blk.10, ...), since llama-quantize counts
-    attn_v layers in file order."""
+    exactly the tensors, shapes and order of llama.cpp's own Q4_K_M file (llama.cpp's converter order
+    blk.0, blk.1, blk.10, ...), with the types of today's llama-quantize (see the test above)."""
     from converters.hf_to_gguf import plan
 
     with GGUFFile(real_model_path) as f:
         real = [(t.name, t.shape, t.qtype) for t in f]
-    assert plan(hf_reference_dir, "q4_k_m") == real
+    planned = plan(hf_reference_dir, "q4_k_m")
+    assert [(n, s) for n, s, _ in planned] == [(n, s) for n, s, _ in real]
+    today = choose_types([(n, s) for n, s, _ in real], "q4_k_m", 24)
+    assert [q for _, _, q in planned] == [c or q for (_, _, q), c in zip(real, today)]
