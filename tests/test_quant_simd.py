@@ -33,7 +33,7 @@ def _store(context, builder, aryty, ary, vec):
     builder.store(vec, builder.bitcast(data, vec.type.as_pointer()), align=1)
 
 
-def _lane_dots_kernel(isa: str):
+def _lane_dots_kernel(isa: str, signed: bool):
     @intrinsic
     def lanes(typingctx, w, a, out):  # noqa: ARG001
         def codegen(context, builder, sig, args):
@@ -42,7 +42,8 @@ def _lane_dots_kernel(isa: str):
             wv = q8_0.load_at(context, builder, sig.args[0], args[0], zero, v32)
             av = q8_0.load_at(context, builder, sig.args[1], args[1], zero, v32)
             acc = ir.Constant(ir.VectorType(ir.IntType(32), 8), list(range(8)))
-            _store(context, builder, sig.args[2], args[2], q8_0.lane_dots(builder, wv, av, acc, isa=isa))
+            result = q8_0.lane_dots(builder, wv, av, acc, isa=isa, signed=signed)
+            _store(context, builder, sig.args[2], args[2], result)
             return context.get_dummy_value()
 
         return types.none(w, a, out), codegen
@@ -54,14 +55,19 @@ def _lane_dots_kernel(isa: str):
     return run
 
 
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
 @pytest.mark.parametrize("isa", _ISAS)
-def test_lane_dots_every_path(isa: str) -> None:
-    run = _lane_dots_kernel(isa)
+def test_lane_dots_every_path(isa: str, signed: bool) -> None:
+    """Unsigned weights 0..127 with any activation; signed weights -128..127 with activations
+    -127..127 (the documented ranges), extremes first."""
+    run = _lane_dots_kernel(isa, signed)
     rng = np.random.default_rng(1)
-    cases = [(np.full(32, 127, np.uint8), np.full(32, -128, np.int8)),
-             (np.full(32, 127, np.uint8), np.full(32, 127, np.int8))]
+    wdt = np.int8 if signed else np.uint8
+    lo_w, lo_a = (-128, -127) if signed else (0, -128)
+    cases = [(np.full(32, lo_w, wdt), np.full(32, lo_a, np.int8)), (np.full(32, 127, wdt), np.full(32, 127, np.int8)),
+             (np.full(32, 127, wdt), np.full(32, lo_a, np.int8)), (np.full(32, lo_w, wdt), np.full(32, 127, np.int8))]
     for _ in range(50):
-        cases.append((rng.integers(0, 128, 32).astype(np.uint8), rng.integers(-128, 128, 32).astype(np.int8)))
+        cases.append((rng.integers(lo_w, 128, 32).astype(wdt), rng.integers(lo_a, 128, 32).astype(np.int8)))
     for w, a in cases:
         out = np.zeros(8, np.int32)
         run(w, a, out)
@@ -122,7 +128,8 @@ def test_dot_rows_four_tokens_equal_one(qtype: T) -> None:
 
 @pytest.mark.parametrize("qtype", [T.Q4_0, T.Q5_0, T.Q5_1, T.Q8_0], ids=lambda t: t.name)
 def test_legacy_dot_row_extreme_integers(qtype: T) -> None:
-    """Largest weights (and Q8_0's -128) against -128/127 activations: no overflow, no saturation."""
+    """Largest weights (and Q8_0's -128) against -127/127 activations (the activation quantizers'
+    range): no overflow, no saturation."""
     mod = _INT_FORMATS[qtype]
     nb = 7
     rng = np.random.default_rng(9)
@@ -136,7 +143,7 @@ def test_legacy_dot_row_extreme_integers(qtype: T) -> None:
         if qtype == T.Q5_1:
             raw[:, 2:4] = np.array([np.float16(-3.0)]).view(np.uint8)
     raw = raw.reshape(-1)
-    aq = np.where(rng.random(32 * nb) < 0.5, -128, 127).astype(np.int8)
+    aq = np.where(rng.random(32 * nb) < 0.5, -127, 127).astype(np.int8)
     ad = np.full(nb, 1.0, np.float32)
     asum = aq.reshape(nb, 32).astype(np.int32).sum(axis=1).astype(np.int32)
     want = float(gguf_dequantize(raw, qtype).astype(np.float64) @ aq.astype(np.float64))

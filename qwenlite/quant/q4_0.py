@@ -76,20 +76,17 @@ _V16I8 = ir.VectorType(ir.IntType(8), 16)
 
 
 def _values(context, builder, wty, w, o):
-    """Block ``o``'s 32 nibbles as an i8 vector (unsigned 0..15)."""
-    return nibbles(builder, load_at(context, builder, wty, w, o, _V16I8, 2)), False
+    """Block ``o``'s 32 values q-8 as a signed i8 vector (-8..7)."""
+    q = nibbles(builder, load_at(context, builder, wty, w, o, _V16I8, 2))
+    return builder.sub(q, ir.Constant(ir.VectorType(ir.IntType(8), 32), [8] * 32)), True
 
 
-dot_rows = row_dot(TYPE_SIZE, _values, 8)
+dot_rows = row_dot(TYPE_SIZE, _values)
 
 
 @njit(cache=True, error_model="numpy")
 def dot_row(w, aq, ad, asum):
-    """One Q4_0 row . one Q8_0 activation row.
-
-    Per block: d_w*d_a*(sum q*a - 8*sum a); the -8 offset comes from the activation block sum so
-    the inner loop is a plain unsigned-nibble by int8 product that LLVM vectorizes.
-    """
+    """One Q4_0 row . one Q8_0 activation row: d_w*d_a*sum (q-8)*a per block (``row_dot``)."""
     n = aq.shape[0]
     check_blocks(n, w.shape[0], TYPE_SIZE)
     check_q8_0(n, ad, asum)

@@ -103,17 +103,18 @@ _I32 = ir.IntType(32)
 
 
 def _values(context, builder, wty, w, o):
-    """Block ``o``'s 32 five-bit values as an i8 vector (unsigned 0..31)."""
+    """Block ``o``'s 32 values q-16 as a signed i8 vector (-16..15)."""
     low = nibbles(builder, load_at(context, builder, wty, w, o, _V16I8, 6))
-    return fifth_bits(builder, load_at(context, builder, wty, w, o, _I32, 2), low), False
+    q = fifth_bits(builder, load_at(context, builder, wty, w, o, _I32, 2), low)
+    return builder.sub(q, ir.Constant(ir.VectorType(ir.IntType(8), 32), [16] * 32)), True
 
 
-dot_rows = row_dot(TYPE_SIZE, _values, 16)
+dot_rows = row_dot(TYPE_SIZE, _values)
 
 
 @njit(cache=True, error_model="numpy")
 def dot_row(w, aq, ad, asum):
-    """One Q5_0 row . one Q8_0 activation row: d_w*d_a*(sum q*a - 16*sum a) per block."""
+    """One Q5_0 row . one Q8_0 activation row: d_w*d_a*sum (q-16)*a per block (``row_dot``)."""
     n = aq.shape[0]
     check_blocks(n, w.shape[0], TYPE_SIZE)
     check_q8_0(n, ad, asum)

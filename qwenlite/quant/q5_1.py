@@ -95,7 +95,7 @@ def _values(context, builder, wty, w, o):
     return fifth_bits(builder, load_at(context, builder, wty, w, o, _I32, 4), low), False
 
 
-dot_rows = row_dot(TYPE_SIZE, _values, 0, min_at=2)
+dot_rows = row_dot(TYPE_SIZE, _values, min_at=2)
 
 
 @njit(cache=True, error_model="numpy")

@@ -129,12 +129,21 @@ def lane_dots(builder, wv, av, acc, isa=SIMD_ISA, signed=False):
     """``acc`` (8 x i32) plus, in lane i, sum_{k<4} w[4i+k]*a[4i+k] for 32 ``wv`` and signed ``av``.
 
     Unsigned weights must be at most 127 so that the AVX2 path's saturating 16-bit pair sums
-    cannot clip (2*127*128 < 2**15). ``signed`` weights take the portable path (the u8 x i8
-    instructions have no signed-by-signed form). Lane i covers bytes 4i..4i+3 on every path, so
-    callers may give the lower and upper halves (bytes 0-15, 16-31) different scales.
+    cannot clip (2*127*128 < 2**15). ``signed`` weights go through the u8 x i8 instructions as
+    |w| times a with w's sign (``vpsignb``), which needs activations above -128, as every
+    activation quantizer here produces (|q| <= 127). Lane i covers bytes 4i..4i+3 on every path,
+    so callers may give the lower and upper halves (bytes 0-15, 16-31) different scales.
     """
-    if signed:
-        isa = "generic"
+    if signed and isa != "generic":
+        psign = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_V32I8, [_V32I8, _V32I8]), "llvm.x86.avx2.psign.b"
+        )
+        absb = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_V32I8, [_V32I8, ir.IntType(1)]), "llvm.abs.v32i8"
+        )
+        av = builder.call(psign, [av, wv])
+        wv = builder.call(absb, [wv, ir.Constant(ir.IntType(1), 0)])
+        signed = False
     if isa == "vnni":
         fn = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(_V8I32, [_V8I32] * 3), "llvm.x86.avx512.vpdpbusd.256"
@@ -178,7 +187,7 @@ def load_at(context, builder, aryty, ary, off, vecty, extra=0):
 
 
 _F32T = ir.FloatType()
-_V8F32 = ir.VectorType(_F32T, 8)
+_F64T = ir.DoubleType()
 
 
 def f16_to_f32(builder, bits):
@@ -221,9 +230,12 @@ def fifth_bits(builder, qh, values):
     return builder.or_(values, fifth)
 
 
+_V4F64 = ir.VectorType(_F64T, 4)
+
+
 def _fmuladd(builder, a, b, c):
     fn = cgutils.get_or_insert_function(
-        builder.module, ir.FunctionType(_V8F32, [_V8F32] * 3), "llvm.fmuladd.v8f32"
+        builder.module, ir.FunctionType(_V4F64, [_V4F64] * 3), "llvm.fmuladd.v4f64"
     )
     return builder.call(fn, [a, b, c])
 
@@ -246,21 +258,23 @@ def _is_rows(tup, dtype):
     return isinstance(tup, types.UniTuple) and isinstance(tup.dtype, types.Array) and tup.dtype.dtype == dtype
 
 
-def row_dot(type_size, values, offset, min_at=None):
+def row_dot(type_size, values, min_at=None):
     """Build the row dot intrinsic of a 32-value block format:
     ``(w, aqs, ads, asums, nb) -> (float32,) * n`` for ``n`` activation rows given as tuples.
 
     ``values(context, builder, wty, w, o) -> (vector, signed)`` gives block ``o``'s 32 weight
-    integers as an i8 vector (the f16 scale ``d`` is at ``w[o]``); ``offset`` is the constant the
-    format subtracts from each integer (8 for Q4_0: sum (q-8)*a = sum q*a - 8*asum); ``min_at``
-    the byte offset of an f16 minimum ``m`` in the block (Q5_1: ``x = d*q + m``).
+    integers as an i8 vector (the f16 scale ``d`` is at ``w[o]``), offsets already applied (Q4_0
+    gives q-8: centred values keep each lane's partial sum small, where q*a and -8*sum(a) kept in
+    separate float32 lanes cancelled only at the end of the row and lost precision on real
+    activations with outliers); ``min_at`` is the byte offset of an f16 minimum ``m`` in the
+    block (Q5_1: ``x = d*q + m``), whose term m*d_a*sum(a) is accumulated in float64.
 
-    The whole row is one IR loop: per block, ``lane_dots`` seeded with the offset term gives 8
-    int32 lanes per activation row, which are converted and scaled by d_w*d_a into 8 float32
-    accumulators per row (two sets, alternating blocks, so the adds do not wait on each other).
+    The whole row is one IR loop: per block, ``lane_dots`` gives 8 int32 lanes per activation
+    row, folded exactly to 4, converted and scaled by d_w*d_a into 4 float64 accumulators per row
+    (two sets, alternating blocks, so the adds do not wait on each other). float64 as in the
+    previous scalar kernels: float32 lanes moved top-1 logits at near-ties on the real model.
     Only the end of the row reduces across lanes. Each weight block is unpacked once for all
-    ``n`` rows, which is what makes prefill compute-efficient. Float32 accumulation of exact
-    int32 block sums, as ggml does.
+    ``n`` rows, which is what makes prefill compute-efficient.
     """
 
     @intrinsic
@@ -283,9 +297,9 @@ def row_dot(type_size, values, offset, min_at=None):
             ]
             intp = context.get_value_type(types.intp)
             nb = context.cast(builder, args[4], sig.args[4], types.intp)
-            zero = ir.Constant(_V8F32, [0.0] * 8)
+            zero = ir.Constant(_V4F64, [0.0] * 4)
             accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(n)] for _ in range(2)]
-            maccs = [cgutils.alloca_once_value(builder, ir.Constant(_F32T, 0.0)) for _ in range(n)]
+            maccs = [cgutils.alloca_once_value(builder, ir.Constant(_F64T, 0.0)) for _ in range(n)]
 
             def block(i, acc):
                 o = builder.mul(i, ir.Constant(intp, type_size))
@@ -294,23 +308,18 @@ def row_dot(type_size, values, offset, min_at=None):
                     mo = builder.add(o, ir.Constant(intp, min_at))
                     mw = f16_to_f32(builder, load_at(context, builder, wty, w, mo, ir.IntType(16)))
                 wv, signed = values(context, builder, wty, w, o)
-                bias = offset
-                if signed and SIMD_ISA == "vnni":
-                    wv = builder.xor(wv, ir.Constant(_V32I8, [0x80] * 32))  # q+128 >= 0 for vpdpbusd
-                    bias += 128
                 for t in range(n):
                     da = load_at(context, builder, *rows[1][t], i, _F32T)
-                    bsum = load_at(context, builder, *rows[2][t], i, _I32)
                     av = load_at(context, builder, *rows[0][t], builder.mul(i, ir.Constant(intp, 32)), _V32I8)
-                    seed = ir.Constant(_V8I32, [0] * 8)
-                    if bias:
-                        corr = builder.mul(bsum, ir.Constant(_I32, -bias))
-                        seed = builder.insert_element(seed, corr, ir.Constant(_I32, 0))
-                    lanes = lane_dots(builder, wv, av, seed, signed=signed and SIMD_ISA != "vnni")
-                    d = _splat(builder, builder.fmul(dw, da), _V8F32)
-                    builder.store(_fmuladd(builder, builder.sitofp(lanes, _V8F32), d, builder.load(acc[t])), acc[t])
+                    lanes = lane_dots(builder, wv, av, ir.Constant(_V8I32, [0] * 8), signed=signed)
+                    halves = [ir.Constant(ir.VectorType(_I32, 4), list(range(k, k + 4))) for k in (0, 4)]
+                    quads = builder.add(*(builder.shuffle_vector(lanes, lanes, h) for h in halves))
+                    d = _splat(builder, builder.fpext(builder.fmul(dw, da), _F64T), _V4F64)
+                    builder.store(_fmuladd(builder, builder.sitofp(quads, _V4F64), d, builder.load(acc[t])), acc[t])
                     if min_at is not None:
-                        term = builder.fmul(builder.fmul(mw, da), builder.sitofp(bsum, _F32T))
+                        bsum = load_at(context, builder, *rows[2][t], i, _I32)
+                        m = builder.fpext(builder.fmul(mw, da), _F64T)
+                        term = builder.fmul(m, builder.sitofp(bsum, _F64T))
                         builder.store(builder.fadd(builder.load(maccs[t]), term), maccs[t])
 
             two = ir.Constant(intp, 2)
@@ -323,13 +332,12 @@ def row_dot(type_size, values, offset, min_at=None):
                 block(builder.sub(nb, ir.Constant(intp, 1)), accs[0])
             results = []
             for t in range(n):
-                total = builder.fadd(builder.load(accs[0][t]), builder.load(accs[1][t]))
-                wide = builder.fpext(total, ir.VectorType(ir.DoubleType(), 8))
-                for width in (4, 2, 1):
+                wide = builder.fadd(builder.load(accs[0][t]), builder.load(accs[1][t]))
+                for width in (2, 1):
                     halves = [ir.Constant(ir.VectorType(_I32, width), list(range(k, k + width))) for k in (0, width)]
                     wide = builder.fadd(*(builder.shuffle_vector(wide, wide, h) for h in halves))
                 result = builder.extract_element(wide, ir.Constant(_I32, 0))
-                result = builder.fadd(result, builder.fpext(builder.load(maccs[t]), ir.DoubleType()))
+                result = builder.fadd(result, builder.load(maccs[t]))
                 results.append(builder.fptrunc(result, _F32T))
             return context.make_tuple(builder, sig.return_type, results)
 
@@ -342,7 +350,7 @@ def _q8_values(context, builder, wty, w, o):
     return load_at(context, builder, wty, w, o, _V32I8, 2), True
 
 
-dot_rows = row_dot(TYPE_SIZE, _q8_values, 0)
+dot_rows = row_dot(TYPE_SIZE, _q8_values)
 
 
 @njit(cache=True, error_model="numpy")
@@ -379,8 +387,8 @@ def quantize_row(src, dst):
 @njit(cache=True, error_model="numpy")
 def dot_row(w, aq, ad, asum):
     """One Q8_0 row . one Q8_0 activation row: int32 sums per block, one float multiply-add per
-    block (``row_dot``). ``asum`` feeds the +128 bias that makes the weights unsigned for
-    ``vpdpbusd``: sum (q+128)*a - 128*sum a."""
+    block (``row_dot``). ``asum`` is unused (Q8_0 has no offset term); it is part of the shared
+    signature."""
     n = aq.shape[0]
     check_blocks(n, w.shape[0], TYPE_SIZE)
     check_q8_0(n, ad, asum)
