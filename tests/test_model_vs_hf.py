@@ -10,11 +10,23 @@ import numpy as np
 import pytest
 from hf_reference import hf_logits
 
+from tests.peer import llama_logits, requires_peer
+
 PROMPTS = {
     "chat": [{"role": "user", "content": "Write a haiku about autumn leaves, then explain it in one sentence."}],
     "code": "def quicksort(xs: list[int]) -> list[int]:\n    \"\"\"Sort a list.\"\"\"\n    if len(xs) <= 1:\n"
     "        return xs\n    pivot = xs[len(xs) // 2]\n    left = [x for x in xs if x < pivot]\n",
     "chinese": "蒙古国的首都是乌兰巴托（Ulaanbaatar）\n冰岛的首都是雷克雅未克（Reykjavik）\n埃塞俄比亚的首都是",
+    "multi_turn": [
+        {"role": "system", "content": "You are a careful senior Python reviewer."},
+        {"role": "user", "content": "Is `list.sort()` stable?"},
+        {"role": "assistant", "content": "Yes. Python's sort is guaranteed to be stable."},
+        {"role": "user", "content": "Then how do I sort people by age, and by name within the same age?"},
+    ],
+    "french": "La Révolution française est une période de bouleversements politiques et sociaux en France, "
+    "qui commence en 1789 et se termine en 1799. Elle met fin à",
+    "rust": "fn main() {\n    let v: Vec<i32> = (1..=10).collect();\n    let evens: Vec<i32> = v.iter()"
+    ".filter(|x| *x % 2 == 0).cloned().collect();\n    let total: i32 = evens.iter().sum();\n",
 }
 
 
@@ -72,3 +84,21 @@ def test_chat_reply_is_coherent_and_stops(real_model) -> None:  # noqa: ANN001
     for marker in ("<|im_end|>", "<|im_start|>", "<|endoftext|>"):
         assert marker not in reply
     assert len(real_model.tokenize(reply)) < 48, "the reply should end by itself, not at max_tokens"
+
+
+@pytest.mark.peer
+@requires_peer
+def test_drift_is_no_worse_than_llama_cpp(real_model, real_model_path, comparisons) -> None:  # noqa: ANN001
+    """Speed must not buy accuracy: against the same oracle, qwenlite's logit error stays within a small
+    factor of llama.cpp's own (both quantize activations to 8 bits) on the same file and prompts."""
+    ours_all, theirs_all = [], []
+    for name, p in PROMPTS.items():
+        ours, ref = comparisons[name]
+        theirs = llama_logits(real_model_path, _ids(real_model, p))
+        ours_all.append(np.linalg.norm(ours - ref, axis=1) / np.linalg.norm(ref, axis=1))
+        theirs_all.append(np.linalg.norm(theirs - ref, axis=1) / np.linalg.norm(ref, axis=1))
+    ours_rel, theirs_rel = np.concatenate(ours_all), np.concatenate(theirs_all)
+    print(f"rel L2 vs transformers: qwenlite mean {ours_rel.mean():.4f} max {ours_rel.max():.4f}; "
+          f"llama.cpp mean {theirs_rel.mean():.4f} max {theirs_rel.max():.4f}")
+    assert ours_rel.mean() <= 1.12 * theirs_rel.mean()
+    assert ours_rel.max() <= 1.6 * theirs_rel.max()
