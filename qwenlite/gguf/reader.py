@@ -28,6 +28,8 @@ from qwenlite.gguf.constants import (
     GGUF_DEFAULT_ALIGNMENT,
     GGUF_MAGIC,
     GGUF_SUPPORTED_VERSIONS,
+    NUMPY_DTYPE,
+    SCALAR_STRUCT,
     GGMLType,
     GGUFValueType,
 )
@@ -35,32 +37,6 @@ from qwenlite.gguf.constants import (
 MAX_DIMS = 4
 MAX_NAME_BYTES = 65535
 
-_SCALAR_FORMATS: dict[GGUFValueType, str] = {
-    GGUFValueType.UINT8: "<B",
-    GGUFValueType.INT8: "<b",
-    GGUFValueType.UINT16: "<H",
-    GGUFValueType.INT16: "<h",
-    GGUFValueType.UINT32: "<I",
-    GGUFValueType.INT32: "<i",
-    GGUFValueType.FLOAT32: "<f",
-    GGUFValueType.BOOL: "<?",
-    GGUFValueType.UINT64: "<Q",
-    GGUFValueType.INT64: "<q",
-    GGUFValueType.FLOAT64: "<d",
-}
-_NUMPY_DTYPES: dict[GGUFValueType, str] = {
-    GGUFValueType.UINT8: "<u1",
-    GGUFValueType.INT8: "<i1",
-    GGUFValueType.UINT16: "<u2",
-    GGUFValueType.INT16: "<i2",
-    GGUFValueType.UINT32: "<u4",
-    GGUFValueType.INT32: "<i4",
-    GGUFValueType.FLOAT32: "<f4",
-    GGUFValueType.BOOL: "<u1",
-    GGUFValueType.UINT64: "<u8",
-    GGUFValueType.INT64: "<i8",
-    GGUFValueType.FLOAT64: "<f8",
-}
 
 
 @dataclass(frozen=True)
@@ -163,7 +139,7 @@ class _Cursor:
             return self.string(f"value of {key!r}")
         if vt == GGUFValueType.ARRAY:
             return self.array(key)
-        value = self.scalar(_SCALAR_FORMATS[vt], f"value of {key!r}")
+        value = self.scalar(SCALAR_STRUCT[vt], f"value of {key!r}")
         return bool(value) if vt == GGUFValueType.BOOL else value
 
     def array(self, key: str) -> Any:
@@ -182,7 +158,7 @@ class _Cursor:
             if count > left // 12:
                 raise GGUFError(f"{self.path}: array {key!r} claims {count} arrays, more than the file holds")
             return [self.array(key) for _ in range(count)]
-        dtype = np.dtype(_NUMPY_DTYPES[et])
+        dtype = np.dtype(NUMPY_DTYPE[et])
         self.need(count * dtype.itemsize, f"array {key!r} of {count} items")
         arr = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos).copy()
         self.pos += count * dtype.itemsize

@@ -29,37 +29,18 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from qwenlite.errors import GGUFError
-from qwenlite.gguf.constants import GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGMLType, GGUFValueType
+from qwenlite.gguf.constants import (
+    GGUF_DEFAULT_ALIGNMENT,
+    GGUF_MAGIC,
+    NUMPY_DTYPE,
+    SCALAR_STRUCT,
+    GGMLType,
+    GGUFValueType,
+)
 
 GGUF_VERSION = 3
 ALIGNMENT_KEY = "general.alignment"
 
-_SCALAR_STRUCT: dict[GGUFValueType, str] = {
-    GGUFValueType.UINT8: "<B",
-    GGUFValueType.INT8: "<b",
-    GGUFValueType.UINT16: "<H",
-    GGUFValueType.INT16: "<h",
-    GGUFValueType.UINT32: "<I",
-    GGUFValueType.INT32: "<i",
-    GGUFValueType.FLOAT32: "<f",
-    GGUFValueType.BOOL: "<?",
-    GGUFValueType.UINT64: "<Q",
-    GGUFValueType.INT64: "<q",
-    GGUFValueType.FLOAT64: "<d",
-}
-_NUMPY_DTYPE: dict[GGUFValueType, str] = {
-    GGUFValueType.UINT8: "<u1",
-    GGUFValueType.INT8: "<i1",
-    GGUFValueType.UINT16: "<u2",
-    GGUFValueType.INT16: "<i2",
-    GGUFValueType.UINT32: "<u4",
-    GGUFValueType.INT32: "<i4",
-    GGUFValueType.FLOAT32: "<f4",
-    GGUFValueType.BOOL: "<u1",
-    GGUFValueType.UINT64: "<u8",
-    GGUFValueType.INT64: "<i8",
-    GGUFValueType.FLOAT64: "<f8",
-}
 _INT_RANGES: dict[GGUFValueType, tuple[int, int]] = {
     GGUFValueType.UINT8: (0, 2**8 - 1),
     GGUFValueType.INT8: (-(2**7), 2**7 - 1),
@@ -92,11 +73,11 @@ def _encode_scalar(vtype: GGUFValueType, value: Any, key: str) -> bytes:
         lo, hi = _INT_RANGES[vtype]
         if not lo <= int(value) <= hi:
             raise GGUFError(f"metadata {key!r}: {value} does not fit in {vtype.name}")
-        return struct.pack(_SCALAR_STRUCT[vtype], int(value))
+        return struct.pack(SCALAR_STRUCT[vtype], int(value))
     if vtype in (GGUFValueType.FLOAT32, GGUFValueType.FLOAT64):
         if not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, bool):
             raise GGUFError(f"metadata {key!r}: expected a number, got {type(value).__name__}")
-        return struct.pack(_SCALAR_STRUCT[vtype], float(value))
+        return struct.pack(SCALAR_STRUCT[vtype], float(value))
     raise GGUFError(f"metadata {key!r}: {vtype!r} is not a scalar value type")
 
 
@@ -127,7 +108,7 @@ def _encode_array(elem_type: GGUFValueType, values: Sequence[Any] | np.ndarray, 
         arr = np.asarray(values)
         if arr.size and arr.dtype.kind not in "iuf":
             raise GGUFError(f"metadata {key!r}: array of {elem_type.name} holds non-numbers")
-    return head + np.ascontiguousarray(arr, dtype=_NUMPY_DTYPE[elem_type]).tobytes()
+    return head + np.ascontiguousarray(arr, dtype=NUMPY_DTYPE[elem_type]).tobytes()
 
 
 @dataclass(frozen=True)
