@@ -22,6 +22,7 @@ from numba.extending import intrinsic
 from qwenlite.errors import QwenliteError
 from qwenlite.gguf.constants import GGMLType
 from qwenlite.quant.halfprec import f16_bits_to_f32, f32_as_u32, f32_to_f16_bits
+from qwenlite.quant.interleave import row_dot_x8, splat
 from qwenlite.quant.q8_0 import broadcast, f16_to_f32, lane_dots, load_at, reduce_add
 
 TYPE = GGMLType.Q4_K
@@ -331,17 +332,18 @@ def load_ref(context, builder, ref, vecty, extra=0):
     return load_at(context, builder, *ref, vecty, extra)
 
 
-def kx_scales_mins(context, builder, wty, w, sb):
-    """The eight 6-bit scales and mins packed in the 12 bytes at ``w[sb:]``, as two 8 x i32 vectors.
+def kx_words(builder, u0, u1, u2):
+    """The 6-bit scales and mins packed in three little-endian 32-bit words (an i32 each, or 8 x i32
+    lane-wise for the interleaved layout), as four words of one byte per sub-block.
 
-    Same unpacking as ``get_scale_min``, done on three little-endian 32-bit words at once: bytes
-    0-3 hold scales 0-3 (and the top bits of scales 4-7), bytes 4-7 mins 0-3 (and the top bits of
-    mins 4-7), bytes 8-11 the low nibbles of scales 4-7 (low) and mins 4-7 (high).
+    Same unpacking as ``get_scale_min``: bytes 0-3 hold scales 0-3 (and the top bits of scales
+    4-7), bytes 4-7 mins 0-3 (and the top bits of mins 4-7), bytes 8-11 the low nibbles of scales
+    4-7 (low) and mins 4-7 (high). Returns (scales 0-3, scales 4-7, mins 0-3, mins 4-7).
     """
-    u0, u1, u2 = (load_at(context, builder, wty, w, sb, _I32, 4 * k) for k in range(3))
+    lanes = u0.type.count if isinstance(u0.type, ir.VectorType) else None
 
     def c(v):
-        return ir.Constant(_I32, v)
+        return ir.Constant(u0.type, v if lanes is None else [v] * lanes)
 
     sc_lo = builder.and_(u0, c(0x3F3F3F3F))
     m_lo = builder.and_(u1, c(0x3F3F3F3F))
@@ -349,6 +351,13 @@ def kx_scales_mins(context, builder, wty, w, sb):
     top_m = builder.shl(builder.and_(builder.lshr(u1, c(6)), c(0x03030303)), c(4))
     sc_hi = builder.or_(builder.and_(u2, c(0x0F0F0F0F)), top_sc)
     m_hi = builder.or_(builder.and_(builder.lshr(u2, c(4)), c(0x0F0F0F0F)), top_m)
+    return sc_lo, sc_hi, m_lo, m_hi
+
+
+def kx_scales_mins(context, builder, wty, w, sb):
+    """The eight 6-bit scales and mins packed in the 12 bytes at ``w[sb:]``, as two 8 x i32 vectors."""
+    words = (load_at(context, builder, wty, w, sb, _I32, 4 * k) for k in range(3))
+    sc_lo, sc_hi, m_lo, m_hi = kx_words(builder, *words)
 
     def widen(lo, hi):
         pair = ir.Constant(ir.VectorType(_I32, 2), None)
@@ -357,6 +366,13 @@ def kx_scales_mins(context, builder, wty, w, sb):
         return builder.zext(builder.bitcast(pair, ir.VectorType(ir.IntType(8), 8)), _V8I32)
 
     return widen(sc_lo, sc_hi), widen(m_lo, m_hi)
+
+
+def kx_byte(builder, words, j):
+    """Lane-wise byte ``j`` (0-7) of the (low, high) pair of 8 x i32 words from ``kx_words``."""
+    word = words[j // 4]
+    shifted = builder.lshr(word, ir.Constant(_V8I32, [8 * (j % 4)] * 8))
+    return builder.and_(shifted, ir.Constant(_V8I32, [0xFF] * 8))
 
 
 def kx_min_term(context, builder, bsums, mins):
@@ -400,6 +416,53 @@ def _values(context, builder, wty, w, o, c):
 
 
 dot_rows = row_dot_k(TYPE_SIZE, 0, 2, kx_sums(_values))
+
+FIELDS = ((0, 2), (2, 2), (4, 12), (16, 128))
+
+
+def kx_sums_x8(values):
+    """The ``row_dot_x8`` emitter for Q4_K/Q5_K (interleaved layout: lanes are rows).
+
+    ``values(blk, c, i)`` gives the two 32-byte vectors of unit ``i`` (0-7) of 64-value chunk
+    ``c``: lane r holds values 4i..4i+3 of sub-blocks 2c and 2c+1 of row r, which pair with the
+    broadcast activation bytes 64c+4i and 64c+32+4i. Each sub-block's dots accumulate in one
+    vector, get the per-row sub-block scale lane-wise, and the mins term is the per-row mins times
+    the activation's 16-value sums: the integers of ``kx_sums``, so results are bit-identical.
+    """
+
+    def emit(blk, n):
+        b = blk.builder
+        d, dmin = (f16_to_f32(b, blk.halves(off)) for off in (0, 2))
+        sc_lo, sc_hi, m_lo, m_hi = kx_words(b, *(blk.words(4, k) for k in range(3)))
+        isum = [_ZERO8] * n
+        for c in range(4):
+            accs = [[_ZERO8] * n, [_ZERO8] * n]
+            for i in range(8):
+                for j, v in enumerate(values(blk, c, i)):
+                    for t in range(n):
+                        accs[j][t] = lane_dots(b, v, blk.act(t, 64 * c + 32 * j + 4 * i), accs[j][t])
+            for j in range(2):
+                sc = kx_byte(b, (sc_lo, sc_hi), 2 * c + j)
+                for t in range(n):
+                    isum[t] = b.add(isum[t], b.mul(accs[j][t], sc))
+        out = []
+        for t in range(n):
+            msum = _ZERO8
+            for j in range(8):
+                pair = b.add(blk.bsum(t, 2 * j), blk.bsum(t, 2 * j + 1))
+                msum = b.add(msum, b.mul(kx_byte(b, (m_lo, m_hi), j), splat(b, pair, _V8I32)))
+            out.append([(d, isum[t], False), (dmin, msum, True)])
+        return out
+
+    return emit
+
+
+def _values_x8(blk, c, i):
+    wv = blk.unit(16, 8 * c + i)
+    return blk.builder.and_(wv, _const32(15)), blk.builder.lshr(wv, _const32(4))
+
+
+dot_rows_x8 = row_dot_x8(TYPE_SIZE, 256, 16, kx_sums_x8(_values_x8))
 
 
 @njit(cache=True, error_model="numpy")

@@ -191,7 +191,8 @@ _F64T = ir.DoubleType()
 
 
 def f16_to_f32(builder, bits):
-    """IR: the float32 value of the f16 bit pattern ``bits`` (i16), exact for every pattern.
+    """IR: the float32 value of the f16 bit pattern ``bits`` (i16, or a vector of i16 lane-wise), exact
+    for every pattern.
 
     Integer-only for normal, infinite and NaN halves (rebias the exponent by 112); subnormal
     halves are their mantissa times 2**-24, a product of normal floats. Two faster-looking forms
@@ -201,19 +202,22 @@ def f16_to_f32(builder, bits):
     subnormals to the multiplier for small scales (K-quant mins), which costs a microcode assist.
     """
 
-    def c(v):
-        return ir.Constant(_I32, v)
+    lanes = bits.type.count if isinstance(bits.type, ir.VectorType) else None
+    i32, f32 = (_I32, _F32T) if lanes is None else (ir.VectorType(_I32, lanes), ir.VectorType(_F32T, lanes))
 
-    hb = builder.zext(bits, _I32)
+    def c(v, ty=i32):
+        return ir.Constant(ty, v if lanes is None else [v] * lanes)
+
+    hb = builder.zext(bits, i32)
     sign = builder.shl(builder.and_(hb, c(0x8000)), c(16))
     em = builder.and_(hb, c(0x7FFF))
     body = builder.shl(em, c(13))
     normal = builder.add(body, c(112 << 23))
     special = builder.or_(body, c(0x7F800000))
-    tiny = builder.bitcast(builder.fmul(builder.sitofp(em, _F32T), ir.Constant(_F32T, 2.0**-24)), _I32)
+    tiny = builder.bitcast(builder.fmul(builder.sitofp(em, f32), c(2.0**-24, f32)), i32)
     out = builder.select(builder.icmp_unsigned("<", em, c(0x0400)), tiny, normal)
     out = builder.select(builder.icmp_unsigned(">=", em, c(0x7C00)), special, out)
-    return builder.bitcast(builder.or_(out, sign), _F32T)
+    return builder.bitcast(builder.or_(out, sign), f32)
 
 
 def nibbles(builder, packed):
