@@ -26,6 +26,19 @@ from qwenlite.tokenizer import Tokenizer
 DEFAULT_N_CTX = 4096
 
 
+def _fits_in_memory(path: Path) -> bool:
+    """Whether a copy of the whole file fits comfortably (half of the available memory): only then
+    are the routed experts of a MoE model copied into the interleaved layout. Larger files (Qwen2
+    57B-A14B is 35 GB) keep their experts in the mapped file, paged in on demand."""
+    try:
+        with open("/proc/meminfo") as fh:
+            info = {k: v for k, _, v in (line.partition(":") for line in fh)}
+        available = int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return path.stat().st_size <= available // 2
+
+
 class Model:
     """A loaded Qwen2 / Qwen2-MoE model."""
 
@@ -43,7 +56,7 @@ class Model:
         if n_ctx < 1:
             raise QwenliteError(f"context size must be >= 1, got {n_ctx}")
         self.n_ctx = n_ctx
-        self.network = Qwen2(self.file, self.config, n_ctx)
+        self.network = Qwen2(self.file, self.config, n_ctx, interleave_experts=_fits_in_memory(self.path))
         self.engine = Engine(self.network, n_ctx)
         self.template = ChatTemplate.from_metadata(self.metadata)
 

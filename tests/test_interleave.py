@@ -13,6 +13,8 @@ from numba import njit
 from qwenlite import quant
 from qwenlite.errors import QwenliteError
 from qwenlite.gguf.constants import GGMLType
+from qwenlite.kernels.matmul import X8_TYPES, matmul
+from qwenlite.model.weights import Linear
 from qwenlite.quant import interleave
 from qwenlite.quant.activation import quantize_rows_q8_0, quantize_rows_q8_k
 
@@ -104,3 +106,61 @@ def test_pack_refuses_partial_groups() -> None:
     w8 = np.zeros((1, 8 * 144), np.uint8)
     with pytest.raises(QwenliteError, match="out of range"):
         interleave.unpack_rows(w8, np.array([8]), interleave.field_table(((0, 144),), 144), 144)
+
+
+@pytest.mark.parametrize("qtype", sorted(X8_TYPES), ids=lambda t: GGMLType(t).name)
+@pytest.mark.parametrize("n_tokens", [1, 3, 37])
+def test_matmul_interleaved_equals_row_major(qtype: GGMLType, n_tokens: int) -> None:
+    """Through the threaded driver (token tiles, 4-token groups, remainders), both layouts agree."""
+    fmt = quant.FORMATS[qtype]
+    rng = np.random.default_rng(7 + n_tokens)
+    k = 2 * 256
+    w = _weights(qtype, 72, k, rng)
+    x = (rng.standard_normal((n_tokens, k)) * 3).astype(np.float32)
+    ref = matmul(w, int(qtype), x)
+    got = matmul(quant.interleave_rows(w, int(qtype)), int(qtype), x, interleaved=True)
+    if qtype in K_QUANTS:
+        np.testing.assert_array_equal(got, ref)
+    else:
+        np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
+    assert fmt.ACT in ("q8_0", "q8_k")
+
+
+def test_matmul_interleaved_checks_layout() -> None:
+    w = np.zeros((8, 144), np.uint8)
+    with pytest.raises(QwenliteError, match="interleaved"):
+        matmul(w, int(GGMLType.Q4_K), np.zeros(256, np.float32), interleaved=True)
+    with pytest.raises(QwenliteError, match="no interleaved kernel"):
+        matmul(np.zeros((1, 8 * 4), np.uint8), int(GGMLType.F32), np.zeros(8, np.float32), interleaved=True)
+
+
+def test_expert_stacks_interleave_per_expert() -> None:
+    rng = np.random.default_rng(3)
+    w = _weights(GGMLType.Q4_K, 3 * 16, 256, rng).reshape(3, 16, -1)
+    w8 = quant.interleave_rows(w, int(GGMLType.Q4_K))
+    assert w8.shape == (3, 2, 8 * 144)
+    for e in range(3):
+        np.testing.assert_array_equal(quant.deinterleave_rows(w8[e], int(GGMLType.Q4_K), np.arange(16)), w[e])
+
+
+def test_real_model_loads_interleaved(real_model) -> None:  # noqa: ANN001 - pytest fixture
+    """The loader interleaves every matrix it can, and embedding lookups read the file's layout."""
+    net = real_model.network
+    linears = [lin for b in net.blocks for lin in (b.wq, b.wk, b.wv, b.wo, b.ffn.gate, b.ffn.up, b.ffn.down)]
+    linears.append(net.output)
+    for lin in linears:
+        assert lin.interleaved == (lin.qtype in X8_TYPES and lin.n_out % 8 == 0)
+    assert any(lin.interleaved for lin in linears)
+    assert not net.embed.interleaved or net.embed is net.output
+    raw = real_model.file.tensor("token_embd.weight")
+    ids = np.array([0, 151643, 1234])
+    np.testing.assert_array_equal(net.embed.rows(ids), quant.dequantize(raw.rows()[ids], raw.qtype, raw.shape[-1]))
+
+
+def test_interleaved_embedding_rows_match_file_layout() -> None:
+    """Tied embeddings: the output matrix is interleaved and lookups de-interleave the rows they need."""
+    rng = np.random.default_rng(11)
+    w = _weights(GGMLType.Q4_K, 32, 256, rng)
+    lin = Linear(quant.interleave_rows(w, int(GGMLType.Q4_K)), int(GGMLType.Q4_K), 256, 32, None, True)
+    ids = np.array([31, 0, 8, 8])
+    np.testing.assert_array_equal(lin.rows(ids), quant.dequantize(w[ids], int(GGMLType.Q4_K), 256))

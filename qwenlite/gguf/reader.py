@@ -308,6 +308,20 @@ class GGUFFile:
     def __iter__(self) -> Iterator[TensorInfo]:
         return iter(self.tensors.values())
 
+    def release(self, t: TensorInfo) -> None:
+        """Tell the kernel this process is done with the pages of ``t`` (they stay in the page
+        cache and fault back in if read again).
+
+        A loader that copies a tensor (e.g. into an interleaved layout) calls this so the mapped
+        copy stops counting in the process's resident memory: without it, peak RSS would be the
+        file plus the copies.
+        """
+        page = mmap.PAGESIZE
+        start = -(-t.offset // page) * page
+        end = (t.offset + t.nbytes) // page * page
+        if end > start and hasattr(mmap, "MADV_DONTNEED"):
+            self._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
+
     def close(self) -> None:
         """Unmap the file. Views into it must not be used afterwards."""
         self.tensors = {}

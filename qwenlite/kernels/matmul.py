@@ -36,12 +36,15 @@ _PARALLEL_QUANT_MIN_ROWS = 8
 # calling thread: waking a second thread costs several microseconds on a quiet machine and up to a
 # scheduler time slice when the cores are oversubscribed.
 _PARALLEL_MIN_BYTES = 160_000
+# Interleaved row groups (8 rows each) per work item: the same 16 rows as _ROW_CHUNK.
+_GROUP_CHUNK = 2
 
 _F16 = int(GGMLType.F16)
 _BF16 = int(GGMLType.BF16)
 _Q4_0 = int(GGMLType.Q4_0)
 _Q5_0 = int(GGMLType.Q5_0)
 _Q5_1 = int(GGMLType.Q5_1)
+_Q4_K = int(GGMLType.Q4_K)
 _Q5_K = int(GGMLType.Q5_K)
 _Q6_K = int(GGMLType.Q6_K)
 
@@ -104,10 +107,9 @@ def _chunk(act_k, qtype, w, aq, ad, asum, out, c):
                 t += 1
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
-def _matmul_int(w, qtype, act_k, x, out):
-    """Quantize the activation rows (Q8_K if ``act_k`` else Q8_0), then all row chunks; serial
-    when the whole product is too small to pay for waking the other threads."""
+@njit(cache=True, error_model="numpy", inline="always")
+def _quantize_acts(act_k, x):
+    """The activation rows in the weight's integer format (Q8_K if ``act_k`` else Q8_0)."""
     T, K = x.shape
     bs = 256 if act_k else 32
     aq = np.empty((T, K), np.int8)
@@ -125,13 +127,69 @@ def _matmul_int(w, qtype, act_k, x, out):
                 quantize_q8_k(x[t], aq[t], ad[t], asum[t])
             else:
                 quantize_q8_0(x[t], aq[t], ad[t], asum[t])
+    return aq, ad, asum
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def _matmul_int(w, qtype, act_k, x, out):
+    """Quantize the activation rows, then all row chunks; serial when the whole product is too
+    small to pay for waking the other threads."""
+    aq, ad, asum = _quantize_acts(act_k, x)
     n_chunks = (w.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK
-    if w.shape[0] * w.shape[1] * T < _PARALLEL_MIN_BYTES:
+    if w.shape[0] * w.shape[1] * x.shape[0] < _PARALLEL_MIN_BYTES:
         for c in range(n_chunks):
             _chunk(act_k, qtype, w, aq, ad, asum, out, c)
     else:
         for c in prange(n_chunks):
             _chunk(act_k, qtype, w, aq, ad, asum, out, c)
+
+
+# Formats whose x8 kernels ``_rows_x8`` dispatches to (``Linear.load`` interleaves only these).
+X8_TYPES = frozenset({GGMLType.Q4_K})
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _rows_x8(qtype, w8, aqs, ads, asums, nb, outs, r):
+    if qtype == _Q4_K:
+        q4_k.dot_rows_x8(w8, aqs, ads, asums, nb, outs, r)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _chunk_x8(qtype, w8, aq, ad, asum, nb, out, c):
+    """Row groups of chunk ``c`` for all tokens, in token tiles; four tokens share each unpacked block."""
+    T = aq.shape[0]
+    g0 = c * _GROUP_CHUNK
+    g1 = min(w8.shape[0], g0 + _GROUP_CHUNK)
+    for t0 in range(0, T, _TOKEN_TILE):
+        t1 = min(T, t0 + _TOKEN_TILE)
+        for g in range(g0, g1):
+            t = t0
+            while t + 4 <= t1:
+                _rows_x8(
+                    qtype, w8[g],
+                    (aq[t], aq[t + 1], aq[t + 2], aq[t + 3]),
+                    (ad[t], ad[t + 1], ad[t + 2], ad[t + 3]),
+                    (asum[t], asum[t + 1], asum[t + 2], asum[t + 3]),
+                    nb, (out[t], out[t + 1], out[t + 2], out[t + 3]), 8 * g,
+                )
+                t += 4
+            while t < t1:
+                _rows_x8(qtype, w8[g], (aq[t],), (ad[t],), (asum[t],), nb, (out[t],), 8 * g)
+                t += 1
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
+def _matmul_x8(w8, qtype, act_k, x, out):
+    """``_matmul_int`` for interleaved weights: the same activation rows, parallel over chunks of row groups."""
+    aq, ad, asum = _quantize_acts(act_k, x)
+    nb = x.shape[1] // (256 if act_k else 32)
+    n_chunks = (w8.shape[0] + _GROUP_CHUNK - 1) // _GROUP_CHUNK
+    if w8.shape[0] * w8.shape[1] * x.shape[0] < _PARALLEL_MIN_BYTES:
+        for c in range(n_chunks):
+            _chunk_x8(qtype, w8, aq, ad, asum, nb, out, c)
+    else:
+        for c in prange(n_chunks):
+            _chunk_x8(qtype, w8, aq, ad, asum, nb, out, c)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -158,9 +216,13 @@ def _matmul_f32(w, qtype, x, out):
                     out[t, r] = _dot_f32(qtype, row, x[t])
 
 
-def matmul(w: np.ndarray, qtype: int, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+def matmul(
+    w: np.ndarray, qtype: int, x: np.ndarray, out: np.ndarray | None = None, interleaved: bool = False
+) -> np.ndarray:
     """``x @ W^T`` for a quantized weight ``w`` (``uint8 [N, row_bytes]``) and ``x`` float32 ``[T, K]``.
 
+    With ``interleaved`` the weight is in the x8 layout of ``quant.interleave_rows``
+    (``uint8 [N/8, 8*row_bytes]``) and runs the format's x8 kernel; the result is the same.
     Returns float32 ``[T, N]`` (written into ``out`` when given: float32, C-contiguous, ``[T, N]``).
     A 1-D ``x`` of length K gives a 1-D result of length N. ``w`` may be a read-only memmap view.
     Bad shapes or types raise QwenliteError before any kernel runs.
@@ -176,12 +238,14 @@ def matmul(w: np.ndarray, qtype: int, x: np.ndarray, out: np.ndarray | None = No
     T, K = x.shape
     row_bytes = quant.row_nbytes(qtype, K)
     w = np.asarray(w)
-    if w.dtype != np.uint8 or w.ndim != 2 or w.shape[1] != row_bytes:
-        raise QwenliteError(
-            f"{fmt.TYPE.name} weight for K={K} must be uint8 [N, {row_bytes}], got {w.dtype} {w.shape}"
-        )
+    rows = 8 if interleaved else 1
+    if interleaved and qtype not in X8_TYPES:
+        raise QwenliteError(f"{fmt.TYPE.name} has no interleaved kernel")
+    if w.dtype != np.uint8 or w.ndim != 2 or w.shape[1] != rows * row_bytes:
+        layout = f"uint8 [N/8, {8 * row_bytes}] (interleaved)" if interleaved else f"uint8 [N, {row_bytes}]"
+        raise QwenliteError(f"{fmt.TYPE.name} weight for K={K} must be {layout}, got {w.dtype} {w.shape}")
     w = np.ascontiguousarray(w)
-    N = w.shape[0]
+    N = w.shape[0] * rows
     if out is None:
         out = np.empty((T, N), np.float32)
     else:
@@ -192,7 +256,9 @@ def matmul(w: np.ndarray, qtype: int, x: np.ndarray, out: np.ndarray | None = No
                 f"matmul out must be writable C-contiguous float32 {(T, N)}, got {out.dtype} {out.shape}"
             )
     if T and N:
-        if fmt.ACT == "f32":
+        if interleaved:
+            _matmul_x8(w, int(fmt.TYPE), fmt.ACT == "q8_k", x, out)
+        elif fmt.ACT == "f32":
             _matmul_f32(w, int(fmt.TYPE), x, out)
         else:
             _matmul_int(w, int(fmt.TYPE), fmt.ACT == "q8_k", x, out)

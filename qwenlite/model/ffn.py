@@ -36,14 +36,14 @@ def _softmax_rows(x: np.ndarray) -> np.ndarray:
 class MoEFFN:
     """Top-k routed experts plus a sigmoid-gated shared expert (field notes section 4)."""
 
-    def __init__(self, f: GGUFFile, prefix: str, cfg: ModelConfig) -> None:
+    def __init__(self, f: GGUFFile, prefix: str, cfg: ModelConfig, interleave_experts: bool = True) -> None:
         d, e, ff = cfg.n_embd, cfg.n_expert, cfg.n_ff_expert
         self.k = cfg.n_expert_used
         self.normalize = cfg.expert_weights_norm
         self.router = Linear.load(f, f"{prefix}.ffn_gate_inp", d, e)
-        self.gate = Linear.load(f, f"{prefix}.ffn_gate_exps", d, ff, e)
-        self.up = Linear.load(f, f"{prefix}.ffn_up_exps", d, ff, e)
-        self.down = Linear.load(f, f"{prefix}.ffn_down_exps", ff, d, e)
+        self.gate = Linear.load(f, f"{prefix}.ffn_gate_exps", d, ff, e, interleave=interleave_experts)
+        self.up = Linear.load(f, f"{prefix}.ffn_up_exps", d, ff, e, interleave=interleave_experts)
+        self.down = Linear.load(f, f"{prefix}.ffn_down_exps", ff, d, e, interleave=interleave_experts)
         self.shared = (
             DenseFFN(f, prefix, d, cfg.n_ff_shared, "_shexp") if f"{prefix}.ffn_up_shexp.weight" in f.tensors else None
         )
@@ -66,9 +66,7 @@ class MoEFFN:
     def _expert(self, e: int, x: np.ndarray) -> np.ndarray:
         gate, up, down = self.gate, self.up, self.down
         self.bytes_read += gate.w[e].nbytes + up.w[e].nbytes + down.w[e].nbytes
-        g = Linear(gate.w[e], gate.qtype, gate.n_in, gate.n_out)(x)
-        u = Linear(up.w[e], up.qtype, up.n_in, up.n_out)(x)
-        return Linear(down.w[e], down.qtype, down.n_in, down.n_out)(swiglu(g, u))
+        return down.expert(e)(swiglu(gate.expert(e)(x), up.expert(e)(x)))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         top, weights = self.route(x)

@@ -37,7 +37,7 @@ class KVCache:
 class Block:
     """One decoder block: attention with q/k/v bias, then the FFN."""
 
-    def __init__(self, f: GGUFFile, i: int, cfg: ModelConfig) -> None:
+    def __init__(self, f: GGUFFile, i: int, cfg: ModelConfig, interleave_experts: bool = True) -> None:
         p, d = f"blk.{i}", cfg.n_embd
         q, kv = cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.head_dim
         self.attn_norm = vector(f, f"{p}.attn_norm.weight", d)
@@ -47,18 +47,23 @@ class Block:
         self.wo = Linear.load(f, f"{p}.attn_output", q, d)
         self.ffn_norm = vector(f, f"{p}.ffn_norm.weight", d)
         sparse = cfg.n_expert > 0 and f"{p}.ffn_gate_inp.weight" in f.tensors
-        self.ffn = MoEFFN(f, p, cfg) if sparse else DenseFFN(f, p, d, cfg.n_ff)
+        self.ffn = MoEFFN(f, p, cfg, interleave_experts) if sparse else DenseFFN(f, p, d, cfg.n_ff)
 
 
 class Qwen2:
-    """Weights of a whole model and its forward pass over a KV cache."""
+    """Weights of a whole model and its forward pass over a KV cache.
 
-    def __init__(self, f: GGUFFile, cfg: ModelConfig, n_ctx: int) -> None:
+    Matrices are interleaved at load time (``Linear.load``), except the embedding table when it is
+    only looked up, and the routed experts when ``interleave_experts`` is False: a Qwen2-MoE file
+    can be larger than RAM and then runs straight from the mapped file.
+    """
+
+    def __init__(self, f: GGUFFile, cfg: ModelConfig, n_ctx: int, interleave_experts: bool = True) -> None:
         self.cfg = cfg
-        self.embed = Linear.load(f, "token_embd", cfg.n_embd, cfg.n_vocab)
-        self.blocks = [Block(f, i, cfg) for i in range(cfg.n_layer)]
-        self.out_norm = vector(f, "output_norm.weight", cfg.n_embd)
         tied = "output.weight" not in f.tensors
+        self.embed = Linear.load(f, "token_embd", cfg.n_embd, cfg.n_vocab, interleave=tied)
+        self.blocks = [Block(f, i, cfg, interleave_experts) for i in range(cfg.n_layer)]
+        self.out_norm = vector(f, "output_norm.weight", cfg.n_embd)
         self.output = self.embed if tied else Linear.load(f, "output", cfg.n_embd, cfg.n_vocab)
         self.cos, self.sin = rope_tables(n_ctx, cfg.head_dim, cfg.rope_base, cfg.rope_scaling, cfg.rope_factor,
                                          cfg.rope_orig_ctx)

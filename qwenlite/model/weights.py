@@ -9,7 +9,7 @@ import numpy as np
 from qwenlite import quant
 from qwenlite.errors import GGUFError
 from qwenlite.gguf.reader import GGUFFile, TensorInfo
-from qwenlite.kernels.matmul import matmul
+from qwenlite.kernels.matmul import X8_TYPES, matmul
 
 
 def _check(f: GGUFFile, t: TensorInfo, shape: tuple[int, ...]) -> None:
@@ -33,27 +33,46 @@ def vector(f: GGUFFile, name: str, n: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Linear:
-    """y = x @ W^T (+ b) over a weight kept in its quantized form. ``w`` is ``uint8 [..., n_out, row_bytes]``."""
+    """y = x @ W^T (+ b) over a weight kept in its quantized form.
+
+    ``w`` is ``uint8 [..., n_out, row_bytes]`` in the file's layout, or, when ``interleaved``,
+    ``uint8 [..., n_out/8, 8*row_bytes]`` in the x8 layout of ``quant.interleave`` (same bytes,
+    SIMD-friendly order), which is what ``load`` builds for every format that has x8 kernels.
+    """
 
     w: np.ndarray
     qtype: int
     n_in: int
     n_out: int
     bias: np.ndarray | None = None
+    interleaved: bool = False
 
     @classmethod
-    def load(cls, f: GGUFFile, name: str, n_in: int, n_out: int, *lead: int, bias: bool = False) -> Linear:
+    def load(
+        cls, f: GGUFFile, name: str, n_in: int, n_out: int, *lead: int, bias: bool = False, interleave: bool = True
+    ) -> Linear:
+        """The weight ``name.weight`` (and ``name.bias``), interleaved at load time when ``interleave``
+        and the format and row count allow it; the file's pages of an interleaved tensor are released."""
         t = f.tensor(f"{name}.weight")
         _check(f, t, (*lead, n_out, n_in))
         b = vector(f, f"{name}.bias", n_out) if bias else None
+        if interleave and t.qtype in X8_TYPES and n_out % 8 == 0:
+            w8 = quant.interleave_rows(t.rows(), t.qtype)
+            f.release(t)
+            return cls(w8, int(t.qtype), n_in, n_out, b, True)
         return cls(t.rows(), int(t.qtype), n_in, n_out, b)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        y = matmul(self.w, self.qtype, x)
+        y = matmul(self.w, self.qtype, x, interleaved=self.interleaved)
         if self.bias is not None:
             y += self.bias
         return y
 
+    def expert(self, e: int) -> Linear:
+        """The 2-D weight of expert ``e`` of a stacked ``[n_expert, ...]`` weight."""
+        return Linear(self.w[e], self.qtype, self.n_in, self.n_out, None, self.interleaved)
+
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """Dequantized rows ``ids`` of the weight: an embedding lookup."""
-        return quant.dequantize(self.w[ids], self.qtype, self.n_in)
+        raw = quant.deinterleave_rows(self.w, self.qtype, ids) if self.interleaved else self.w[ids]
+        return quant.dequantize(raw, self.qtype, self.n_in)

@@ -13,7 +13,7 @@ from numba import njit, prange
 
 from qwenlite.errors import QwenliteError
 from qwenlite.gguf.constants import GGMLType
-from qwenlite.quant import bf16, f16, f32, q4_0, q4_k, q5_0, q5_1, q5_k, q6_k, q8_0
+from qwenlite.quant import bf16, f16, f32, interleave, q4_0, q4_k, q5_0, q5_1, q5_k, q6_k, q8_0
 
 FORMATS: dict[GGMLType, ModuleType] = {
     m.TYPE: m for m in (f32, f16, bf16, q8_0, q4_0, q5_0, q5_1, q4_k, q5_k, q6_k)
@@ -155,3 +155,29 @@ def quantize(x: np.ndarray, qtype: int) -> np.ndarray:
     if rows.shape[0]:
         _quantize_rows(int(fmt.TYPE), rows, out)
     return out.reshape(*lead, row_bytes)
+
+
+def has_x8(qtype: int) -> bool:
+    """Whether ``qtype`` has an interleaved (x8) kernel; see ``quant.interleave``."""
+    return hasattr(FORMATS.get(qtype), "dot_rows_x8")  # type: ignore[call-overload]
+
+
+def interleave_rows(raw: np.ndarray, qtype: int) -> np.ndarray:
+    """Raw rows ``uint8 [..., N, row_bytes]`` (N a multiple of 8) -> the x8 layout
+    ``uint8 [..., N/8, 8*row_bytes]`` of ``quant.interleave``; leading axes (experts) are kept."""
+    fmt = get_format(qtype)
+    if not has_x8(qtype):
+        raise QwenliteError(f"{fmt.TYPE.name} has no interleaved layout")
+    raw = np.asarray(raw)
+    if raw.dtype != np.uint8 or raw.ndim < 2 or raw.shape[-2] % interleave.ROWS or raw.shape[-1] % fmt.TYPE_SIZE:
+        raise QwenliteError(f"cannot interleave {fmt.TYPE.name} rows of shape {raw.shape} {raw.dtype}")
+    lead, (n, row_bytes) = raw.shape[:-2], raw.shape[-2:]
+    fields = interleave.field_table(fmt.FIELDS, fmt.TYPE_SIZE)
+    packed = interleave.pack(raw.reshape(-1, row_bytes), fields, fmt.TYPE_SIZE)
+    return packed.reshape(*lead, n // interleave.ROWS, interleave.ROWS * row_bytes)
+
+
+def deinterleave_rows(w8: np.ndarray, qtype: int, ids: np.ndarray) -> np.ndarray:
+    """Rows ``ids`` of a 2-D x8 weight in the file's layout: ``uint8 [len(ids), row_bytes]`` (embedding lookups)."""
+    fmt = get_format(qtype)
+    return interleave.unpack_rows(w8, ids, interleave.field_table(fmt.FIELDS, fmt.TYPE_SIZE), fmt.TYPE_SIZE)
