@@ -16,8 +16,10 @@ from qwenlite.quant.q8_0 import (
     c_float_to_int8,
     check_blocks,
     check_q8_0,
+    legacy_x8,
     load_at,
     load_f16,
+    nibble_units,
     nibbles,
     row_dot,
     store_f16,
@@ -73,6 +75,7 @@ def quantize_row(src, dst):
 
 
 _V16I8 = ir.VectorType(ir.IntType(8), 16)
+_V32I8 = ir.VectorType(ir.IntType(8), 32)
 
 
 def _values(context, builder, wty, w, o):
@@ -82,6 +85,20 @@ def _values(context, builder, wty, w, o):
 
 
 dot_rows = row_dot(TYPE_SIZE, _values)
+
+FIELDS = ((0, 2), (2, 16))
+
+
+def _values_x8(blk):
+    """The block's nibbles q (0..15) of 8 rows: qs unit i pairs with activation bytes 4i and 16+4i."""
+    units = []
+    for i in range(4):
+        for k, v in zip((4 * i, 16 + 4 * i), nibble_units(blk.builder, blk.words(2, i)), strict=True):
+            units.append((blk.builder.bitcast(v, _V32I8), k))
+    return units, False
+
+
+dot_rows_x8 = legacy_x8(TYPE_SIZE, _values_x8, 8)
 
 
 @njit(cache=True, error_model="numpy")

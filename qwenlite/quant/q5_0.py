@@ -17,6 +17,8 @@ from qwenlite.quant.q8_0 import (
     check_blocks,
     check_q8_0,
     fifth_bits,
+    five_bit_units,
+    legacy_x8,
     load_at,
     load_f16,
     nibbles,
@@ -99,6 +101,7 @@ def quantize_row(src, dst):
 
 
 _V16I8 = ir.VectorType(ir.IntType(8), 16)
+_V32I8 = ir.VectorType(ir.IntType(8), 32)
 _I32 = ir.IntType(32)
 
 
@@ -110,6 +113,16 @@ def _values(context, builder, wty, w, o):
 
 
 dot_rows = row_dot(TYPE_SIZE, _values)
+
+FIELDS = ((0, 2), (2, 4), (6, 16))
+
+
+def _values_x8(blk):
+    """The block's five-bit values q (0..31) of 8 rows (``five_bit_units``)."""
+    return five_bit_units(blk.builder, blk.words(2, 0), [blk.words(6, i) for i in range(4)]), False
+
+
+dot_rows_x8 = legacy_x8(TYPE_SIZE, _values_x8, 16)
 
 
 @njit(cache=True, error_model="numpy")

@@ -26,6 +26,7 @@ from numba.extending import intrinsic
 from qwenlite.errors import QwenliteError
 from qwenlite.gguf.constants import GGMLType
 from qwenlite.quant.halfprec import f16_bits_to_f32, f32_to_f16_bits
+from qwenlite.quant.interleave import row_dot_x8
 
 TYPE = GGMLType.Q8_0
 BLOCK_SIZE = 32
@@ -397,3 +398,155 @@ def dot_row(w, aq, ad, asum):
     check_blocks(n, w.shape[0], TYPE_SIZE)
     check_q8_0(n, ad, asum)
     return dot_rows(w, (aq,), (ad,), (asum,), n // 32)[0]
+
+
+FIELDS = ((0, 2), (2, 32))
+
+_ZERO8 = ir.Constant(_V8I32, [0] * 8)
+
+
+def _words(value: int) -> ir.Constant:
+    return ir.Constant(_V8I32, [value] * 8)
+
+
+def nibble_units(builder, unit):
+    """A 4-byte unit of 16-byte nibble data (8 x i32, lanes are rows) -> (low, high) nibbles as 8 x i32:
+    for qs unit i these are values 4i..4i+3 and 16+4i..16+4i+3 of each row, one byte each."""
+    low = builder.and_(unit, _words(0x0F0F0F0F))
+    high = builder.and_(builder.lshr(unit, _words(4)), _words(0x0F0F0F0F))
+    return low, high
+
+
+def _byte_consts(values) -> ir.Constant:
+    return ir.Constant(_V32I8, [v - 256 if v > 127 else v for v in values])
+
+
+_VBMI = {"avx512vbmi", "avx512vl"} <= target_features()
+
+
+def _fifth_bits_shuffled(builder, qh, first):
+    """Bit 4 of byte k of each lane = bit ``first + k`` of the lane's ``qh`` (other bits: the
+    caller masks them), for any target.
+
+    The bit sits in byte ``first // 8`` of qh: a byte shuffle (within the lane) copies that byte
+    into all four bytes of the lane and a mask keeps bit ``first % 8 + k`` in byte k, leaving 0 or
+    a power of two per byte: +15 carries bits 0..3 into bit 4, ``min(x, 16)`` folds bits 4..7 onto it.
+    """
+    j, s = divmod(first, 8)
+    qb = builder.bitcast(qh, _V32I8)
+    rep = builder.shuffle_vector(qb, qb, ir.Constant(_V32I32, [4 * r + j for r in range(8) for _ in range(4)]))
+    bit = builder.and_(rep, _byte_consts([1 << (s + k) for _ in range(8) for k in range(4)]))
+    if s == 0:
+        return builder.bitcast(builder.add(bit, _byte_consts([15] * 32)), _V8I32)
+    sixteen = _byte_consts([16] * 32)
+    return builder.bitcast(builder.select(builder.icmp_unsigned("<", bit, sixteen), bit, sixteen), _V8I32)
+
+
+def _fifth_bits_multishift(builder, qh):
+    """Bit 4 of byte k of each lane = bit ``first + k`` of the lane's ``qh``, for first = 0, 4, ..., 28,
+    in one ``vpmultishiftqb`` each (AVX-512 VBMI): it rotates each 64-bit pair of lanes right by a
+    per-byte count and keeps the low byte, so count ``32*(r % 2) + first + k - 4`` puts row r's bit
+    at bit 4. The other bits are neighbours' bits; the caller masks them."""
+    fn = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(_V32I8, [_V32I8, _V32I8]), "llvm.x86.avx512.pmultishift.qb.256"
+    )
+    qb = builder.bitcast(qh, _V32I8)
+
+    def bits(first):
+        counts = [(32 * (r % 2) + first + k - 4) % 64 for r in range(8) for k in range(4)]
+        return builder.bitcast(builder.call(fn, [_byte_consts(counts), qb]), _V8I32)
+
+    return bits
+
+
+def five_bit_units(builder, qh, qs, vbmi=_VBMI):
+    """The 32 five-bit values (0..31) of a block for 8 rows, as ``legacy_x8`` units.
+
+    ``qh`` is the fifth-bit word of each row (8 x i32), ``qs`` the four 4-byte units of nibbles.
+    qs unit i gives values 4i..4i+3 (low nibbles, fifth bits 4i.. of qh) and 16+4i..16+4i+3
+    (high nibbles, fifth bits 16+4i..). Spreading qh's bits one per byte is most of the work: one
+    ``vpmultishiftqb`` per unit where the target has AVX-512 VBMI, else a shuffle and two byte ops.
+    """
+    spread = _fifth_bits_multishift(builder, qh) if vbmi else lambda first: _fifth_bits_shuffled(builder, qh, first)
+    units = []
+    for i, unit in enumerate(qs):
+        for nib, first in ((unit, 4 * i), (builder.lshr(unit, _words(4)), 16 + 4 * i)):
+            five = builder.and_(spread(first), _words(0x10101010))
+            units.append((builder.bitcast(builder.or_(builder.and_(nib, _words(0x0F0F0F0F)), five), _V32I8), first))
+    return units
+
+
+_F16C = "f16c" in target_features()
+
+
+def f16_lanes_to_f32(builder, bits):
+    """IR: a vector of f16 bit patterns (i16 lanes) -> float32 lanes, exact: one ``vcvtph2ps`` where the target has
+    F16C, else the integer decode of ``f16_to_f32``.
+
+    The vector conversion writes a whole register from a load, so it has none of the false
+    dependency that made the scalar ``fpext half`` slow, and it costs one instruction where the
+    integer decode costs a dozen per block, a large share of a 32-value block's work.
+    """
+    if not _F16C:
+        return f16_to_f32(builder, bits)
+    lanes = bits.type.count
+    return builder.fpext(builder.bitcast(bits, ir.VectorType(ir.HalfType(), lanes)), ir.VectorType(_F32T, lanes))
+
+
+def legacy_x8(type_size, values, offset, min_at=None, isa=SIMD_ISA):
+    """Build ``dot_rows_x8`` (see ``interleave.row_dot_x8``) for a 32-value format.
+
+    ``values(blk)`` gives the block's weights as ``(units, signed)``: ``units`` a list of
+    ``(vector, k)``, a 32-byte vector whose lane r holds 4 values of row r that pair with
+    activation bytes ``k..k+3``, together covering the 32 values once; ``signed`` says they are
+    int8 (else unsigned, at most 127 unless ``lane_dots`` is VNNI). The format's integer value is
+    the vector's minus ``offset``, so per block and activation row the integer dot is
+    ``sum q*a - offset*asum``, exact in int32, starting its accumulator at ``-offset*asum``.
+    The float part is ``row_dot``'s: ``d_w*d_a*isum`` in float64 per block, plus
+    ``m_w*d_a*asum`` when the block has an f16 minimum at byte ``min_at`` (Q5_1).
+
+    Two accumulator chains per activation row halve the dependent ``vpdpbusd`` chain (12% faster
+    than one for a single token; four gain nothing). The integers equal the row-major kernels';
+    the float64 sums differ only in the order of the adds.
+    """
+
+    def emit(blk, n):
+        b = blk.builder
+        d = f16_lanes_to_f32(b, blk.halves(0))
+        m = f16_lanes_to_f32(b, blk.halves(min_at)) if min_at is not None else None
+        units, signed = values(blk)
+        out = []
+        for t in range(n):
+            bsum = blk.bsum(t, 0)
+            start = _splat(b, b.mul(bsum, ir.Constant(_I32, -offset)), _V8I32) if offset else _ZERO8
+            chains = [start, _ZERO8]
+            for j, (v, k) in enumerate(units):
+                chains[j % 2] = lane_dots(b, v, blk.act(t, k), chains[j % 2], isa=isa, signed=signed)
+            terms = [(d, b.add(*chains), False)]
+            if m is not None:
+                terms.append((m, _splat(b, bsum, _V8I32), False))
+            out.append(terms)
+        return out
+
+    return row_dot_x8(type_size, 32, 1, emit)
+
+
+def q8_x8(isa=SIMD_ISA):
+    """Q8_0's ``dot_rows_x8`` for the ``lane_dots`` instruction set ``isa``.
+
+    With VNNI the int8 weights go in as ``q xor 0x80`` = q+128 (unsigned, the 8-bit range
+    ``vpdpbusd`` takes without saturating) and the block pays -128*asum once; the AVX2 pair sums
+    would saturate on values above 127, so there they go in signed (``vpsignb``).
+    """
+    offset = 128 if isa == "vnni" else 0
+
+    def values(blk):
+        units = [blk.unit(2, u) for u in range(8)]
+        if offset:
+            units = [blk.builder.xor(v, ir.Constant(_V32I8, [-128] * 32)) for v in units]
+        return [(v, 4 * u) for u, v in enumerate(units)], not offset
+
+    return legacy_x8(TYPE_SIZE, values, offset, isa=isa)
+
+
+dot_rows_x8 = q8_x8()
