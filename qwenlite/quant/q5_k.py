@@ -12,11 +12,13 @@ from numba import njit
 
 from qwenlite.gguf.constants import GGMLType
 from qwenlite.quant.halfprec import f16_bits_to_f32
+from qwenlite.quant.interleave import row_dot_x8
 from qwenlite.quant.q4_k import (
     check_q8k,
     check_row,
     get_scale_min,
     kx_sums,
+    kx_sums_x8,
     quantize_superblock_kx,
     row_dot_k,
 )
@@ -81,11 +83,9 @@ def _bytes(value):
     return ir.Constant(_V32I8, [value] * 32)
 
 
-def _values(context, builder, wty, w, o, c):
-    """Sub-blocks 2c and 2c+1 as 32-value i8 vectors: nibbles plus the fifth bit of sub-block j
-    (bit j of ``qh``) moved to bit 4 in registers."""
-    qh = load_at(context, builder, wty, w, o, _V32I8, 16)
-    wv = load_at(context, builder, wty, w, o, _V32I8, 48 + 32 * c)
+def _with_fifth_bits(builder, wv, qh, c):
+    """Sub-blocks 2c and 2c+1 from 32 nibble-pair bytes ``wv`` and the matching ``qh`` bytes (whole
+    vectors, or the same 4-byte unit of 8 rows): nibbles plus bit j of ``qh`` moved to bit 4."""
     h1 = builder.and_(builder.lshr(qh, _bytes(2 * c)), _bytes(1))
     h2 = builder.and_(builder.lshr(qh, _bytes(2 * c + 1)), _bytes(1))
     return (
@@ -94,7 +94,25 @@ def _values(context, builder, wty, w, o, c):
     )
 
 
+def _values(context, builder, wty, w, o, c):
+    """Sub-blocks 2c and 2c+1 of the row-major block at ``o`` as 32-value i8 vectors."""
+    qh = load_at(context, builder, wty, w, o, _V32I8, 16)
+    wv = load_at(context, builder, wty, w, o, _V32I8, 48 + 32 * c)
+    return _with_fifth_bits(builder, wv, qh, c)
+
+
 dot_rows = row_dot_k(TYPE_SIZE, 0, 2, kx_sums(_values))
+
+FIELDS = ((0, 2), (2, 2), (4, 12), (16, 32), (48, 128))
+
+
+def _values_x8(blk, c, i):
+    """Unit i of sub-blocks 2c and 2c+1 for rows 0..7: nibble unit 8c+i with ``qh`` unit i, whose
+    bytes are the fifth bits of the same 4 values of every sub-block."""
+    return _with_fifth_bits(blk.builder, blk.unit(48, 8 * c + i), blk.unit(16, i), c)
+
+
+dot_rows_x8 = row_dot_x8(TYPE_SIZE, 256, 16, kx_sums_x8(_values_x8))
 
 
 @njit(cache=True, error_model="numpy")

@@ -16,8 +16,9 @@ from numba import njit
 
 from qwenlite.gguf.constants import GGMLType
 from qwenlite.quant.halfprec import f16_bits_to_f32, f32_to_f16_bits
+from qwenlite.quant.interleave import row_dot_x8, splat
 from qwenlite.quant.q4_k import check_q8k, check_row, load_ref, nearest_int, row_dot_k
-from qwenlite.quant.q8_0 import broadcast, lane_dots, load_at, reduce_add
+from qwenlite.quant.q8_0 import broadcast, f16_to_f32, lane_dots, load_at, reduce_add
 
 TYPE = GGMLType.Q6_K
 BLOCK_SIZE = 256
@@ -168,6 +169,35 @@ def _bytes(value):
     return ir.Constant(_V32I8, [value] * 32)
 
 
+def _six_bits(builder, ql0, ql1, qh):
+    """The four 32-byte vectors of 6-bit values (0..63) of one 128-value half, from its ``ql`` bytes
+    0-31 and 32-63 and its ``qh`` bytes (whole vectors, or the matching 4-byte units of 8 rows):
+    low nibbles of ql0/ql1, then high nibbles, each with its 2-bit pair of ``qh`` as bits 4-5.
+
+    x86 has no byte shifts, so the bits move with 32-bit shifts: masking ``qh`` first (bits
+    0-1,4-5 and 2-3,6-7) leaves zeros wherever a shifted neighbour byte would leak in above the nibble,
+    and each value is then one constant bit-select of nibble and high bits (a ``vpternlog`` on
+    AVX-512).
+    """
+
+    def shift(v, n):
+        word = builder.bitcast(v, _V8I32)
+        amount = ir.Constant(_V8I32, [abs(n)] * 8)
+        return builder.bitcast(builder.shl(word, amount) if n > 0 else builder.lshr(word, amount), _V32I8)
+
+    def select(nibble, high):
+        return builder.or_(builder.and_(nibble, _bytes(0x0F)), builder.and_(high, _bytes(0xF0)))
+
+    even = builder.and_(qh, _bytes(0x33))
+    odd = builder.and_(qh, _bytes(0xCC))
+    return (
+        select(ql0, shift(even, 4)),
+        select(ql1, shift(odd, 2)),
+        select(shift(ql0, -4), even),
+        select(shift(ql1, -4), shift(odd, -2)),
+    )
+
+
 def _sums(context, builder, wty, w, o, toks):
     """The ``row_dot_k`` emitter for Q6_K: sum_g sc_g * sum_{l<16} (q_l - 32) * a_l per row.
 
@@ -179,14 +209,9 @@ def _sums(context, builder, wty, w, o, toks):
     scales = builder.sext(load_at(context, builder, wty, w, o, ir.VectorType(ir.IntType(8), 16), 192), _V16I32)
     accs = [_ZERO8] * len(toks)
     for half in range(2):
-        ql0 = load_at(context, builder, wty, w, o, _V32I8, 64 * half)
-        ql1 = load_at(context, builder, wty, w, o, _V32I8, 64 * half + 32)
-        qh = load_at(context, builder, wty, w, o, _V32I8, 128 + 32 * half)
-        values = (
-            builder.or_(builder.and_(ql0, _bytes(15)), builder.shl(builder.and_(qh, _bytes(3)), _bytes(4))),
-            builder.or_(builder.and_(ql1, _bytes(15)), builder.and_(builder.shl(qh, _bytes(2)), _bytes(48))),
-            builder.or_(builder.lshr(ql0, _bytes(4)), builder.and_(qh, _bytes(48))),
-            builder.or_(builder.lshr(ql1, _bytes(4)), builder.and_(builder.lshr(qh, _bytes(2)), _bytes(48))),
+        values = _six_bits(
+            builder,
+            *(load_at(context, builder, wty, w, o, _V32I8, at) for at in (64 * half, 64 * half + 32, 128 + 32 * half)),
         )
         for k, v in enumerate(values):
             g = 8 * half + 2 * k
@@ -202,6 +227,44 @@ def _sums(context, builder, wty, w, o, toks):
 
 
 dot_rows = row_dot_k(TYPE_SIZE, 208, None, _sums)
+
+FIELDS = ((0, 128), (128, 64), (192, 16), (208, 2))
+
+
+def _sums_x8(blk, n):
+    """The ``row_dot_x8`` emitter for Q6_K (interleaved layout: lanes are rows).
+
+    Unit i (0-7) of the three vectors of half h (``ql`` units 16h+i and 16h+8+i, ``qh`` unit
+    8h+i) gives, through ``_six_bits``, values 4i..4i+3 of the four 32-value vectors k of that
+    half for rows 0..7; they pair with the broadcast activation bytes 128h+32k+4i and belong to
+    16-value group g = 8h+2k+i//4. Each group's dots accumulate in one vector that starts at
+    -32*bsum_g (the -32 offset of every value, folded in for free), then get the per-row int8
+    scale sc_g lane-wise. The total is sum_g sc_g*dot_g - 32*sum_g sc_g*bsum_g, the integer of
+    ``_sums`` (int32 arithmetic wraps, so the order of the additions cannot change it).
+    """
+    b = blk.builder
+    d = f16_to_f32(b, blk.halves(208))
+    scale_words = [blk.words(192, u) for u in range(4)]
+    isum = [_ZERO8] * n
+    for half in range(2):
+        accs = {}
+        for i in range(8):
+            units = (blk.unit(0, 16 * half + i), blk.unit(0, 16 * half + 8 + i), blk.unit(128, 8 * half + i))
+            for k, v in enumerate(_six_bits(b, *units)):
+                g = 8 * half + 2 * k + i // 4
+                if g not in accs:
+                    accs[g] = [splat(b, b.mul(blk.bsum(t, g), ir.Constant(_I32, -32)), _V8I32) for t in range(n)]
+                for t in range(n):
+                    accs[g][t] = lane_dots(b, v, blk.act(t, 128 * half + 32 * k + 4 * i), accs[g][t])
+        for g, acc in sorted(accs.items()):
+            shift = ir.Constant(_V8I32, [24 - 8 * (g % 4)] * 8)
+            sc = b.ashr(b.shl(scale_words[g // 4], shift), ir.Constant(_V8I32, [24] * 8))
+            for t in range(n):
+                isum[t] = b.add(isum[t], b.mul(acc[t], sc))
+    return [[(d, isum[t], False)] for t in range(n)]
+
+
+dot_rows_x8 = row_dot_x8(TYPE_SIZE, 256, 16, _sums_x8)
 
 
 @njit(cache=True, error_model="numpy")
