@@ -145,13 +145,28 @@ def _matmul_int(w, qtype, act_k, x, out):
 
 
 # Formats whose x8 kernels ``_rows_x8`` dispatches to (``Linear.load`` interleaves only these).
-X8_TYPES = frozenset({GGMLType.Q4_K})
+X8_TYPES = frozenset(
+    {GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K}
+)
+_Q8_0 = int(GGMLType.Q8_0)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
 def _rows_x8(qtype, w8, aqs, ads, asums, nb, outs, r):
     if qtype == _Q4_K:
         q4_k.dot_rows_x8(w8, aqs, ads, asums, nb, outs, r)
+    elif qtype == _Q6_K:
+        q6_k.dot_rows_x8(w8, aqs, ads, asums, nb, outs, r)
+    elif qtype == _Q5_K:
+        q5_k.dot_rows_x8(w8, aqs, ads, asums, nb, outs, r)
+    elif qtype == _Q5_0:
+        q5_0.dot_rows_x8(w8, aqs, ads, asums, nb, outs, r)
+    elif qtype == _Q8_0:
+        q8_0.dot_rows_x8(w8, aqs, ads, asums, nb, outs, r)
+    elif qtype == _Q4_0:
+        q4_0.dot_rows_x8(w8, aqs, ads, asums, nb, outs, r)
+    elif qtype == _Q5_1:
+        q5_1.dot_rows_x8(w8, aqs, ads, asums, nb, outs, r)
 
 
 @njit(cache=True, error_model="numpy", inline="always")

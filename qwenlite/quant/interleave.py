@@ -10,9 +10,13 @@ repacks Q4_0/Q4_K/IQ4_NL into similar x8 layouts at load time for the same reaso
 
 Layout (same bits as the file, same size): a format lists its block's ``FIELDS`` as
 ``(byte offset, size)``. Block ``b`` of an 8-row group occupies bytes ``[8*TYPE_SIZE*b, ...)`` of
-the group; within it, field ``(off, size)`` starts at ``8*off``. A field whose size is a multiple
-of 4 is stored in 4-byte units, unit ``u`` of rows 0..7 at ``8*off + 32*u + 4*r``; any other field
-(an f16 scale) stores its ``size`` bytes per row consecutively, row ``r`` at ``8*off + size*r``.
+the group; within it the fields follow in the order of the list, field ``(off, size)`` starting at
+``8*p`` where ``p`` is the sum of the sizes listed before it. A field whose size is a multiple of 4
+is stored in 4-byte units, unit ``u`` of rows 0..7 at ``8*p + 32*u + 4*r``; any other field (an f16
+scale) stores its ``size`` bytes per row consecutively, row ``r`` at ``8*p + size*r``. Formats list
+their scales first: a kernel reads a block's scales before its quants, and a block read front to
+back streams from memory at full speed where one that starts at its end and jumps back does not
+(Q6_K, whose scales end the file's block, ran 3-4x slower out of cache with them last).
 
 This module holds the format-independent parts: packing and unpacking (``pack``, ``unpack_rows``)
 and the IR skeleton of every x8 dot kernel (``row_dot_x8``), which loops over blocks, keeps one
@@ -43,7 +47,8 @@ _V8F64 = ir.VectorType(_F64, 8)
 
 
 def field_table(fields: tuple[tuple[int, int], ...], type_size: int) -> np.ndarray:
-    """``FIELDS`` as an int64 ``[n, 2]`` array, checked to tile the block exactly once."""
+    """``FIELDS`` as an int64 ``[n, 3]`` array of (file offset, size, interleaved offset), checked to
+    tile the block exactly once. Interleaved offsets follow the order of the list."""
     table = np.array(fields, np.int64).reshape(-1, 2)
     covered = sorted((int(o), int(o + s)) for o, s in table)
     pos = 0
@@ -53,13 +58,15 @@ def field_table(fields: tuple[tuple[int, int], ...], type_size: int) -> np.ndarr
         pos = end
     if pos != type_size:
         raise ValueError(f"block fields {fields} do not tile a {type_size}-byte block")
-    return table
+    packed = np.concatenate([[0], np.cumsum(table[:-1, 1])])
+    return np.column_stack([table, packed])
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _dest(b, off, size, byte, r, type_size):
-    """Offset in the 8-row group of byte ``byte`` of field ``(off, size)`` of block ``b`` of row ``r``."""
-    base = 8 * (b * type_size + off)
+def _dest(b, poff, size, byte, r, type_size):
+    """Offset in the 8-row group of byte ``byte`` of the field of ``size`` bytes at interleaved
+    offset ``poff`` of block ``b``, for row ``r``."""
+    base = 8 * (b * type_size + poff)
     if size % 4 == 0:
         return base + 32 * (byte // 4) + 4 * r + byte % 4
     return base + size * r + byte
@@ -94,7 +101,7 @@ def _pack(w, fields, type_size, out):
             for f in range(fields.shape[0]):
                 off = fields[f, 0]
                 size = fields[f, 1]
-                base = 8 * (ob + off)
+                base = 8 * (ob + fields[f, 2])
                 if size % 4 == 0:
                     for u in range(size // 4):
                         for r in range(ROWS):
@@ -119,7 +126,7 @@ def _unpack(w8, ids, fields, type_size, out):
                 off = fields[f, 0]
                 size = fields[f, 1]
                 for k in range(size):
-                    out[i, b * type_size + off + k] = w8[g, _dest(b, off, size, k, r, type_size)]
+                    out[i, b * type_size + off + k] = w8[g, _dest(b, fields[f, 2], size, k, r, type_size)]
 
 
 def pack(w: np.ndarray, fields: np.ndarray, type_size: int) -> np.ndarray:
@@ -153,32 +160,37 @@ def splat(builder, value, vecty):
 class Block:
     """IR accessors for one block of an 8-row group, handed to a format's x8 emitter.
 
-    ``unit``/``words`` load unit ``u`` of the 4-byte-unit field at ``off`` for rows 0..7 (as 32
-    bytes or 8 x i32); ``halves`` the 2-byte field at ``off`` for rows 0..7 (8 x i16); ``act(t, k)``
+    Fields are named by their offset in the file's block (``where`` finds the field holding a
+    file byte and its interleaved offset), so a format may split a field into several in any
+    order. ``unit``/``words`` load unit ``u`` (file bytes ``off+4u..off+4u+3``) for rows 0..7 (as
+    32 bytes or 8 x i32); ``halves`` the 2-byte field at ``off`` for rows 0..7 (8 x i16); ``act(t, k)``
     broadcasts activation bytes ``k..k+3`` of this block of activation row ``t``; ``bsum(t, j)``
     is the activation's ``j``-th block sum (the ``asum`` entries of this block).
     """
 
-    def __init__(self, context, builder, w, ob, acts, sums, a0, s0):
+    def __init__(self, context, builder, w, ob, acts, sums, a0, s0, where):
         self.context, self.builder = context, builder
         self._w, self._ob, self._acts, self._sums, self._a0, self._s0 = w, ob, acts, sums, a0, s0
+        self._where = where
 
     def _load(self, base, off, vecty):
         b = self.builder
         ptr = b.gep(base, [b.add(off, ir.Constant(off.type, 0))])
         return b.load(b.bitcast(ptr, vecty.as_pointer()), align=1, typ=vecty)
 
-    def _at(self, extra):
-        return self.builder.add(self._ob, ir.Constant(self._ob.type, extra))
+    def _at(self, off, u):
+        """Group offset of unit ``u`` of the field at file offset ``off`` (of byte ``off`` for ``u=0``)."""
+        start, packed = self._where(off + 4 * u)
+        return self.builder.add(self._ob, ir.Constant(self._ob.type, 8 * packed + 8 * (off + 4 * u - start)))
 
     def unit(self, off, u):
-        return self._load(self._w, self._at(8 * off + 32 * u), _V32I8)
+        return self._load(self._w, self._at(off, u), _V32I8)
 
     def words(self, off, u):
-        return self._load(self._w, self._at(8 * off + 32 * u), _V8I32)
+        return self._load(self._w, self._at(off, u), _V8I32)
 
     def halves(self, off):
-        return self._load(self._w, self._at(8 * off), _V8I16)
+        return self._load(self._w, self._at(off, 0), _V8I16)
 
     def act(self, t, k):
         b = self.builder
@@ -194,11 +206,11 @@ def _is_rows(tup, dtype):
     return isinstance(tup, types.UniTuple) and isinstance(tup.dtype, types.Array) and tup.dtype.dtype == dtype
 
 
-def row_dot_x8(type_size, act_block, sum_block, emit):
+def row_dot_x8(fields, type_size, act_block, sum_block, emit):
     """Build the x8 dot intrinsic of a format:
     ``(w8, aqs, ads, asums, nb, outs, r) -> None`` writes, for each of the ``n`` activation rows
     ``t`` (tuples of equal length), the dots of the 8 rows of group ``w8`` (1-D, ``nb`` blocks) into
-    ``outs[t][r:r+8]``.
+    ``outs[t][r:r+8]``. ``fields`` is the format's ``FIELDS``.
 
     ``emit(blk, n)`` gives, per activation row, the block's terms as a list of
     ``(scale, ints, negate)``: ``scale`` an 8 x f32 vector of per-row weight scales and ``ints``
@@ -208,6 +220,15 @@ def row_dot_x8(type_size, act_block, sum_block, emit):
     layouts give bit-identical results. Activation block ``i`` starts at ``i*act_block`` in ``aq``
     and ``i*sum_block`` in ``asum``; its scale is ``ad[i]``.
     """
+
+    table = field_table(fields, type_size)
+
+    def where(byte):
+        """(file offset, interleaved offset) of the field holding file byte ``byte``."""
+        for off, size, packed in table:
+            if off <= byte < off + size:
+                return int(off), int(packed)
+        raise ValueError(f"byte {byte} is outside the block")
 
     @intrinsic
     def dot(typingctx, w, aqs, ads, asums, nb, outs, r):  # noqa: ARG001 - signature fixed by numba
@@ -242,7 +263,7 @@ def row_dot_x8(type_size, act_block, sum_block, emit):
                 ob = builder.mul(i, ir.Constant(intp, ROWS * type_size))
                 a0 = builder.mul(i, ir.Constant(intp, act_block))
                 s0 = builder.mul(i, ir.Constant(intp, sum_block))
-                blk = Block(context, builder, w, ob, acts, sums, a0, s0)
+                blk = Block(context, builder, w, ob, acts, sums, a0, s0, where)
                 for t, terms in enumerate(emit(blk, n)):
                     da = splat(builder, builder.load(builder.gep(scales[t], [i])), _V8F32)
                     acc = builder.load(totals[t])

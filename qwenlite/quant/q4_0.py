@@ -98,7 +98,7 @@ def _values_x8(blk):
     return units, False
 
 
-dot_rows_x8 = legacy_x8(TYPE_SIZE, _values_x8, 8)
+dot_rows_x8 = legacy_x8(FIELDS, TYPE_SIZE, _values_x8, 8)
 
 
 @njit(cache=True, error_model="numpy")

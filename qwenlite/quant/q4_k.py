@@ -462,7 +462,7 @@ def _values_x8(blk, c, i):
     return blk.builder.and_(wv, _const32(15)), blk.builder.lshr(wv, _const32(4))
 
 
-dot_rows_x8 = row_dot_x8(TYPE_SIZE, 256, 16, kx_sums_x8(_values_x8))
+dot_rows_x8 = row_dot_x8(FIELDS, TYPE_SIZE, 256, 16, kx_sums_x8(_values_x8))
 
 
 @njit(cache=True, error_model="numpy")

@@ -108,7 +108,7 @@ def _values_x8(blk):
     return five_bit_units(blk.builder, blk.words(4, 0), [blk.words(8, i) for i in range(4)]), False
 
 
-dot_rows_x8 = legacy_x8(TYPE_SIZE, _values_x8, 0, min_at=2)
+dot_rows_x8 = legacy_x8(FIELDS, TYPE_SIZE, _values_x8, 0, min_at=2)
 
 
 @njit(cache=True, error_model="numpy")

@@ -112,7 +112,7 @@ def _values_x8(blk, c, i):
     return _with_fifth_bits(blk.builder, blk.unit(48, 8 * c + i), blk.unit(16, i), c)
 
 
-dot_rows_x8 = row_dot_x8(TYPE_SIZE, 256, 16, kx_sums_x8(_values_x8))
+dot_rows_x8 = row_dot_x8(FIELDS, TYPE_SIZE, 256, 16, kx_sums_x8(_values_x8))
 
 
 @njit(cache=True, error_model="numpy")

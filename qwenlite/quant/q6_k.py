@@ -228,7 +228,11 @@ def _sums(context, builder, wty, w, o, toks):
 
 dot_rows = row_dot_k(TYPE_SIZE, 208, None, _sums)
 
-FIELDS = ((0, 128), (128, 64), (192, 16), (208, 2))
+# Scales first, then the 4-byte units in the order ``_sums_x8`` reads them (ql low, ql high, qh of
+# unit i of each half): the kernel streams each block front to back (see quant.interleave).
+FIELDS = ((208, 2), (192, 16)) + tuple(
+    (off, 4) for h in range(2) for i in range(8) for off in (64 * h + 4 * i, 64 * h + 32 + 4 * i, 128 + 32 * h + 4 * i)
+)
 
 
 def _sums_x8(blk, n):
@@ -264,7 +268,7 @@ def _sums_x8(blk, n):
     return [[(d, isum[t], False)] for t in range(n)]
 
 
-dot_rows_x8 = row_dot_x8(TYPE_SIZE, 256, 16, _sums_x8)
+dot_rows_x8 = row_dot_x8(FIELDS, TYPE_SIZE, 256, 16, _sums_x8)
 
 
 @njit(cache=True, error_model="numpy")

@@ -493,7 +493,7 @@ def f16_lanes_to_f32(builder, bits):
     return builder.fpext(builder.bitcast(bits, ir.VectorType(ir.HalfType(), lanes)), ir.VectorType(_F32T, lanes))
 
 
-def legacy_x8(type_size, values, offset, min_at=None, isa=SIMD_ISA):
+def legacy_x8(fields, type_size, values, offset, min_at=None, isa=SIMD_ISA):
     """Build ``dot_rows_x8`` (see ``interleave.row_dot_x8``) for a 32-value format.
 
     ``values(blk)`` gives the block's weights as ``(units, signed)``: ``units`` a list of
@@ -528,7 +528,7 @@ def legacy_x8(type_size, values, offset, min_at=None, isa=SIMD_ISA):
             out.append(terms)
         return out
 
-    return row_dot_x8(type_size, 32, 1, emit)
+    return row_dot_x8(fields, type_size, 32, 1, emit)
 
 
 def q8_x8(isa=SIMD_ISA):
@@ -546,7 +546,7 @@ def q8_x8(isa=SIMD_ISA):
             units = [blk.builder.xor(v, ir.Constant(_V32I8, [-128] * 32)) for v in units]
         return [(v, 4 * u) for u, v in enumerate(units)], not offset
 
-    return legacy_x8(TYPE_SIZE, values, offset, isa=isa)
+    return legacy_x8(FIELDS, TYPE_SIZE, values, offset, isa=isa)
 
 
 dot_rows_x8 = q8_x8()
