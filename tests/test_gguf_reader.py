@@ -147,3 +147,15 @@ def test_hostile_counts_in_header(tmp_path: Path) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(GGUFError, match="no such model file"):
         GGUFFile(tmp_path / "nope.gguf")
+
+
+def test_read_rows_copies_the_same_bytes(real_model_path: Path) -> None:
+    """``read_rows`` (the loader's copy path) returns exactly the mapped bytes, for any row range."""
+    with GGUFFile(real_model_path) as f:
+        t = f.tensor("blk.0.ffn_down.weight")
+        rows = t.rows()
+        np.testing.assert_array_equal(f.read_rows(t, 0, rows.shape[0]), rows)
+        np.testing.assert_array_equal(f.read_rows(t, 17, 40), rows[17:40])
+        assert f.read_rows(t, 5, 5).shape == (0, rows.shape[1])
+        with pytest.raises(GGUFError, match="outside tensor"):
+            f.read_rows(t, 0, rows.shape[0] + 1)

@@ -308,19 +308,27 @@ class GGUFFile:
     def __iter__(self) -> Iterator[TensorInfo]:
         return iter(self.tensors.values())
 
-    def release(self, t: TensorInfo) -> None:
-        """Tell the kernel this process is done with the pages of ``t`` (they stay in the page
-        cache and fault back in if read again).
+    def read_rows(self, t: TensorInfo, start: int, stop: int) -> np.ndarray:
+        """A private copy of rows ``start:stop`` of ``t.rows()`` flattened to 2-D, read with ``preadv``.
 
-        A loader that copies a tensor (e.g. into an interleaved layout) calls this so the mapped
-        copy stops counting in the process's resident memory: without it, peak RSS would be the
-        file plus the copies.
+        For a loader that transforms a tensor (e.g. into an interleaved layout), piece by piece:
+        reading through the mapping would fault in every 4 KiB page (a third of a second for a 0.5B
+        model in this VM) and leave the pages counted in this process's resident memory next to
+        the transformed copy.
         """
-        page = mmap.PAGESIZE
-        start = -(-t.offset // page) * page
-        end = (t.offset + t.nbytes) // page * page
-        if end > start and hasattr(mmap, "MADV_DONTNEED"):
-            self._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
+        row_bytes = t.rows().shape[-1]
+        n_rows = t.nbytes // row_bytes
+        if not 0 <= start <= stop <= n_rows:
+            raise GGUFError(f"{self.path}: rows {start}:{stop} outside tensor {t.name!r} ({n_rows} rows)")
+        out = np.empty((stop - start, row_bytes), np.uint8)
+        view, done, total = memoryview(out).cast("B"), 0, out.nbytes
+        with open(self.path, "rb") as fh:
+            while done < total:
+                n = os.preadv(fh.fileno(), [view[done:]], t.offset + start * row_bytes + done)
+                if n <= 0:
+                    raise GGUFError(f"{self.path}: file shrank while reading tensor {t.name!r}")
+                done += n
+        return out
 
     def close(self) -> None:
         """Unmap the file. Views into it must not be used afterwards."""

@@ -31,6 +31,24 @@ def vector(f: GGUFFile, name: str, n: int) -> np.ndarray:
     return quant.dequantize(t.rows().reshape(1, -1), t.qtype, n)[0]
 
 
+# Bytes read per step when interleaving a tensor at load time: bounds the extra peak memory.
+_READ_CHUNK = 8 << 20
+
+
+def _read_interleaved(f: GGUFFile, t: TensorInfo) -> np.ndarray:
+    """``t`` in the x8 layout, built from ``GGUFFile.read_rows`` copies of a few MiB at a time, so its
+    file pages are never mapped into this process and the peak is the result plus one chunk."""
+    rows = t.rows()
+    row_bytes = rows.shape[-1]
+    n = t.nbytes // row_bytes
+    out = np.empty((n // 8, 8 * row_bytes), np.uint8)
+    step = max(8, _READ_CHUNK // row_bytes // 8 * 8)
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        quant.interleave_rows(f.read_rows(t, r0, r1), t.qtype, out=out[r0 // 8 : r1 // 8])
+    return out.reshape(*rows.shape[:-2], rows.shape[-2] // 8, 8 * row_bytes)
+
+
 @dataclass(frozen=True)
 class Linear:
     """y = x @ W^T (+ b) over a weight kept in its quantized form.
@@ -52,14 +70,12 @@ class Linear:
         cls, f: GGUFFile, name: str, n_in: int, n_out: int, *lead: int, bias: bool = False, interleave: bool = True
     ) -> Linear:
         """The weight ``name.weight`` (and ``name.bias``), interleaved at load time when ``interleave``
-        and the format and row count allow it; the file's pages of an interleaved tensor are released."""
+        and the format and row count allow it (``_read_interleaved``)."""
         t = f.tensor(f"{name}.weight")
         _check(f, t, (*lead, n_out, n_in))
         b = vector(f, f"{name}.bias", n_out) if bias else None
         if interleave and t.qtype in X8_TYPES and n_out % 8 == 0:
-            w8 = quant.interleave_rows(t.rows(), t.qtype)
-            f.release(t)
-            return cls(w8, int(t.qtype), n_in, n_out, b, True)
+            return cls(_read_interleaved(f, t), int(t.qtype), n_in, n_out, b, True)
         return cls(t.rows(), int(t.qtype), n_in, n_out, b)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:

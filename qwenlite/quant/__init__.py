@@ -162,9 +162,10 @@ def has_x8(qtype: int) -> bool:
     return hasattr(FORMATS.get(qtype), "dot_rows_x8")  # type: ignore[call-overload]
 
 
-def interleave_rows(raw: np.ndarray, qtype: int) -> np.ndarray:
+def interleave_rows(raw: np.ndarray, qtype: int, out: np.ndarray | None = None) -> np.ndarray:
     """Raw rows ``uint8 [..., N, row_bytes]`` (N a multiple of 8) -> the x8 layout
-    ``uint8 [..., N/8, 8*row_bytes]`` of ``quant.interleave``; leading axes (experts) are kept."""
+    ``uint8 [..., N/8, 8*row_bytes]`` of ``quant.interleave``; leading axes (experts) are kept.
+    ``out`` (``uint8 [N_total/8, 8*row_bytes]``) receives the groups when given."""
     fmt = get_format(qtype)
     if not has_x8(qtype):
         raise QwenliteError(f"{fmt.TYPE.name} has no interleaved layout")
@@ -173,7 +174,7 @@ def interleave_rows(raw: np.ndarray, qtype: int) -> np.ndarray:
         raise QwenliteError(f"cannot interleave {fmt.TYPE.name} rows of shape {raw.shape} {raw.dtype}")
     lead, (n, row_bytes) = raw.shape[:-2], raw.shape[-2:]
     fields = interleave.field_table(fmt.FIELDS, fmt.TYPE_SIZE)
-    packed = interleave.pack(raw.reshape(-1, row_bytes), fields, fmt.TYPE_SIZE)
+    packed = interleave.pack(raw.reshape(-1, row_bytes), fields, fmt.TYPE_SIZE, out)
     return packed.reshape(*lead, n // interleave.ROWS, interleave.ROWS * row_bytes)
 
 

@@ -129,12 +129,16 @@ def _unpack(w8, ids, fields, type_size, out):
                     out[i, b * type_size + off + k] = w8[g, _dest(b, fields[f, 2], size, k, r, type_size)]
 
 
-def pack(w: np.ndarray, fields: np.ndarray, type_size: int) -> np.ndarray:
-    """Raw rows ``uint8 [N, row_bytes]`` (N a multiple of 8) -> groups ``uint8 [N/8, 8*row_bytes]``."""
+def pack(w: np.ndarray, fields: np.ndarray, type_size: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Raw rows ``uint8 [N, row_bytes]`` (N a multiple of 8) -> groups ``uint8 [N/8, 8*row_bytes]``
+    (written into ``out`` when given)."""
     n, row_bytes = w.shape
     if n % ROWS or row_bytes % type_size:
         raise QwenliteError(f"cannot interleave {n} rows of {row_bytes} bytes in groups of {ROWS}")
-    out = np.empty((n // ROWS, ROWS * row_bytes), np.uint8)
+    if out is None:
+        out = np.empty((n // ROWS, ROWS * row_bytes), np.uint8)
+    elif out.shape != (n // ROWS, ROWS * row_bytes) or out.dtype != np.uint8 or not out.flags.c_contiguous:
+        raise QwenliteError(f"interleaved output must be C-contiguous uint8 {(n // ROWS, ROWS * row_bytes)}")
     _pack(np.ascontiguousarray(w), fields, type_size, out)
     return out
 
