@@ -321,7 +321,7 @@ class GGUFFile:
         if not 0 <= start <= stop <= n_rows:
             raise GGUFError(f"{self.path}: rows {start}:{stop} outside tensor {t.name!r} ({n_rows} rows)")
         out = np.empty((stop - start, row_bytes), np.uint8)
-        view, done, total = memoryview(out).cast("B"), 0, out.nbytes
+        view, done, total = memoryview(out.reshape(-1)), 0, out.nbytes
         with open(self.path, "rb") as fh:
             while done < total:
                 n = os.preadv(fh.fileno(), [view[done:]], t.offset + start * row_bytes + done)
