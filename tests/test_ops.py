@@ -25,10 +25,24 @@ def test_rms_norm() -> None:
     np.testing.assert_allclose(rms_norm(x, w, 1e-6), ref, rtol=2e-6, atol=2e-6)
 
 
-def test_swiglu() -> None:
-    g, u = RNG.standard_normal((2, 3, 70)).astype(np.float32)
+@pytest.mark.parametrize("n_tokens", [3, 9])  # serial and parallel rows
+def test_swiglu(n_tokens: int) -> None:
+    g, u = RNG.standard_normal((2, n_tokens, 70)).astype(np.float32)
     ref = g / (1 + np.exp(-g.astype(np.float64))) * u
     np.testing.assert_allclose(swiglu(g, u), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_swiglu_exp_over_the_whole_range() -> None:
+    """The vectorized exp inside silu: within 5e-7 relative of float64 everywhere silu is not ~0,
+    including the clamped tails (|x| up to 1e4) and ties where rounding picks the next power of 2."""
+    x = np.concatenate([np.linspace(-100, 100, 400_001), [-1e4, -88.0, -87.5, 87.5, 1e4, 0.0]]).astype(np.float32)
+    x = x.reshape(1, -1)
+    got = swiglu(x, np.ones_like(x))[0]
+    ref = x[0] / (1 + np.exp(-x[0].astype(np.float64)))
+    big = np.abs(ref) > 1e-30
+    assert np.all(np.isfinite(got))
+    assert (np.abs(got - ref)[big] / np.abs(ref[big])).max() < 5e-7
+    assert np.abs(got[~big]).max() < 1e-30
 
 
 @pytest.mark.parametrize(

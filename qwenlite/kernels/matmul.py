@@ -193,13 +193,51 @@ def _chunk_x8(qtype, w8, aq, ad, asum, nb, out, c):
                 t += 1
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def _groups_one_token(qtype, w8, a, d, s, nb, o, g0, g1):
+    """Groups ``g0:g1`` against one activation row. The format test sits outside the group loop, so
+    the loop body is a single format's kernel: LLVM schedules that about 20% faster than the
+    per-group dispatch of ``_chunk_x8`` (measured on Q4_K decode, 2 threads)."""
+    if qtype == _Q4_K:
+        for g in range(g0, g1):
+            q4_k.dot_rows_x8(w8[g], (a,), (d,), (s,), nb, (o,), 8 * g)
+    elif qtype == _Q6_K:
+        for g in range(g0, g1):
+            q6_k.dot_rows_x8(w8[g], (a,), (d,), (s,), nb, (o,), 8 * g)
+    elif qtype == _Q5_K:
+        for g in range(g0, g1):
+            q5_k.dot_rows_x8(w8[g], (a,), (d,), (s,), nb, (o,), 8 * g)
+    elif qtype == _Q5_0:
+        for g in range(g0, g1):
+            q5_0.dot_rows_x8(w8[g], (a,), (d,), (s,), nb, (o,), 8 * g)
+    elif qtype == _Q8_0:
+        for g in range(g0, g1):
+            q8_0.dot_rows_x8(w8[g], (a,), (d,), (s,), nb, (o,), 8 * g)
+    elif qtype == _Q4_0:
+        for g in range(g0, g1):
+            q4_0.dot_rows_x8(w8[g], (a,), (d,), (s,), nb, (o,), 8 * g)
+    elif qtype == _Q5_1:
+        for g in range(g0, g1):
+            q5_1.dot_rows_x8(w8[g], (a,), (d,), (s,), nb, (o,), 8 * g)
+
+
 @njit(cache=True, error_model="numpy", parallel=True)
 def _matmul_x8(w8, qtype, act_k, x, out):
-    """``_matmul_int`` for interleaved weights: the same activation rows, parallel over chunks of row groups."""
+    """``_matmul_int`` for interleaved weights: the same activation rows, parallel over chunks of row
+    groups; a single activation row (decode) takes the format-pure loops of ``_groups_one_token``."""
     aq, ad, asum = _quantize_acts(act_k, x)
     nb = x.shape[1] // (256 if act_k else 32)
-    n_chunks = (w8.shape[0] + _GROUP_CHUNK - 1) // _GROUP_CHUNK
-    if w8.shape[0] * w8.shape[1] * x.shape[0] < _PARALLEL_MIN_BYTES:
+    G = w8.shape[0]
+    n_chunks = (G + _GROUP_CHUNK - 1) // _GROUP_CHUNK
+    serial = G * w8.shape[1] * x.shape[0] < _PARALLEL_MIN_BYTES
+    if x.shape[0] == 1:
+        if serial:
+            _groups_one_token(qtype, w8, aq[0], ad[0], asum[0], nb, out[0], 0, G)
+        else:
+            for c in prange(n_chunks):
+                g0 = c * _GROUP_CHUNK
+                _groups_one_token(qtype, w8, aq[0], ad[0], asum[0], nb, out[0], g0, min(G, g0 + _GROUP_CHUNK))
+    elif serial:
         for c in range(n_chunks):
             _chunk_x8(qtype, w8, aq, ad, asum, nb, out, c)
     else:

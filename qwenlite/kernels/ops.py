@@ -14,6 +14,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from qwenlite.quant.halfprec import _u32_as_f32
+
 
 @njit(cache=True, fastmath=True)
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -80,15 +82,52 @@ def rope_neox(x: np.ndarray, n_heads: int, pos0: int, cos: np.ndarray, sin: np.n
                 x[t, base + half + i] = a * s + b * c
 
 
-@njit(cache=True, fastmath=True)
+_LOG2E = np.float32(1.4426950408889634)
+_LN2_HI = np.float32(0.693145751953125)  # ln 2 split so that n*_LN2_HI is exact for |n| < 2**9
+_LN2_LO = np.float32(1.428606765330187e-06)
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def _expf(x):
+    """exp(x) in float32 to a few ulp, in operations LLVM vectorizes (libm's expf does not, and Numba
+    has no vector math library here): x = n ln2 + r with |r| <= ln2/2, exp(r) by its degree-6
+    Taylor polynomial (truncation < 2e-7 relative), 2**n built in the exponent bits. The clamp
+    keeps 2**n a normal float; exp(-87) and exp(88) are as far as silu needs."""
+    x = x if x > np.float32(-87.0) else np.float32(-87.0)
+    x = x if x < np.float32(88.0) else np.float32(88.0)
+    k = np.int32(x * _LOG2E + np.float32(128.5))  # floor(x log2 e + 0.5) + 128, truncating a positive
+    n = np.float32(k - 128)
+    r = (x - n * _LN2_HI) - n * _LN2_LO
+    p = np.float32(1.0 / 720.0)
+    p = p * r + np.float32(1.0 / 120.0)
+    p = p * r + np.float32(1.0 / 24.0)
+    p = p * r + np.float32(1.0 / 6.0)
+    p = p * r + np.float32(0.5)
+    p = p * r + np.float32(1.0)
+    p = p * r + np.float32(1.0)
+    return p * _u32_as_f32(np.uint32((k - 1) << 23))
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def _swiglu_row(gate, up, out):
+    """Two passes: LLVM vectorizes each, but not the fused loop (measured 12 vs 27 us per 8960 values)."""
+    for i in range(gate.shape[0]):
+        out[i] = _expf(-gate[i])
+    for i in range(gate.shape[0]):
+        out[i] = gate[i] * up[i] / (np.float32(1.0) + out[i])
+
+
+@njit(cache=True, fastmath=True, parallel=True)
 def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
-    """silu(gate) * up, elementwise over ``[T, n_ff]``."""
-    T, n = gate.shape
+    """silu(gate) * up, elementwise over ``[T, n_ff]``; rows in parallel for a prompt."""
+    T = gate.shape[0]
     out = np.empty_like(gate)
-    for t in range(T):
-        for i in range(n):
-            g = gate[t, i]
-            out[t, i] = g / (np.float32(1.0) + np.exp(-g)) * up[t, i]
+    if T < 4:
+        for t in range(T):
+            _swiglu_row(gate[t], up[t], out[t])
+    else:
+        for t in prange(T):
+            _swiglu_row(gate[t], up[t], out[t])
     return out
 
 
