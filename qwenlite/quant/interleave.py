@@ -91,7 +91,7 @@ def _copy_word(typingctx, dst, d, src, s):  # noqa: ARG001 - signature fixed by 
     return types.none(dst, d, src, s), codegen
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True, nogil=True)
 def _pack(w, fields, type_size, out):
     nb = w.shape[1] // type_size
     for g in prange(out.shape[0]):
