@@ -153,3 +153,43 @@ def test_matmul_errors() -> None:
         matmul(raw, T.Q8_0, x, out=np.empty((2, 5), np.float32))
     with pytest.raises(QwenliteError, match="multiple of 256"):
         matmul(quant.quantize(np.ones((4, 256), np.float32), T.Q4_K), T.Q4_K, np.ones((1, 288), np.float32))
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q5_0, T.Q6_K, T.F16], ids=lambda t: t.name)
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_matmul_experts_equals_matmul_per_expert(qtype: T, interleaved: bool) -> None:
+    """One grouped call over segments (including an empty one and a repeated expert) gives exactly
+    what a matmul per segment gives."""
+    from qwenlite.kernels.matmul import X8_TYPES, matmul_experts
+
+    if interleaved and int(qtype) not in X8_TYPES:
+        pytest.skip("no interleaved kernel")
+    rng = np.random.default_rng(int(qtype))
+    n_exp, n, k = 5, 40, 512
+    raw = quant.quantize(rng.standard_normal((n_exp * n, k)).astype(np.float32), int(qtype)).reshape(n_exp, n, -1)
+    ws = quant.interleave_rows(raw, int(qtype)) if interleaved else raw
+    x = rng.standard_normal((9, k)).astype(np.float32)
+    starts, experts = np.array([0, 1, 1, 5, 9]), np.array([3, 0, 4, 3])
+    got = matmul_experts(ws, int(qtype), x, starts, experts, interleaved=interleaved)
+    exact = qtype != T.Q5_0 or not interleaved  # 32-value x8 kernels sum in another float64 order
+    for j, e in enumerate(experts):
+        ref = matmul(raw[e], int(qtype), x[starts[j] : starts[j + 1]])
+        seg = got[starts[j] : starts[j + 1]]
+        assert seg.shape == ref.shape
+        if exact:
+            np.testing.assert_array_equal(seg, ref)
+        elif ref.size:
+            np.testing.assert_allclose(seg, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
+
+
+def test_matmul_experts_checks_its_segments() -> None:
+    from qwenlite.kernels.matmul import matmul_experts
+
+    ws = np.zeros((2, 8, 144), np.uint8)
+    x = np.zeros((3, 256), np.float32)
+    with pytest.raises(QwenliteError, match="rise from 0"):
+        matmul_experts(ws, int(T.Q4_K), x, np.array([0, 2]), np.array([1]))
+    with pytest.raises(QwenliteError, match="expert ids"):
+        matmul_experts(ws, int(T.Q4_K), x, np.array([0, 3]), np.array([2]))
+    with pytest.raises(QwenliteError, match="3-D"):
+        matmul_experts(ws[0], int(T.Q4_K), x, np.array([0, 3]), np.array([0]))

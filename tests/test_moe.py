@@ -236,6 +236,21 @@ def _rel_l2(ours: np.ndarray, ref: np.ndarray) -> np.ndarray:
     return np.linalg.norm(ours - ref, axis=1) / np.linalg.norm(ref, axis=1)
 
 
+class _GateSpy:
+    """Stands in for a MoE layer's stacked gate projection and logs (expert, n_tokens) per segment it runs."""
+
+    def __init__(self, lin: Any, log: Any) -> None:
+        self.lin, self.log = lin, log
+
+    def experts(self, x: np.ndarray, starts: np.ndarray, experts: np.ndarray) -> np.ndarray:
+        for j, e in enumerate(experts):
+            self.log(int(e), int(starts[j + 1] - starts[j]))
+        return self.lin.experts(x, starts, experts)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.lin, name)
+
+
 class _Recorder:
     """Wraps every MoE block of a loaded model to record the routes it takes and the experts it runs."""
 
@@ -244,18 +259,15 @@ class _Recorder:
         self.routes: dict[int, np.ndarray] = {}  # layer -> expert ids [T, k] of the last call
         self.moe = {i: b.ffn for i, b in enumerate(model.network.blocks) if isinstance(b.ffn, MoEFFN)}
         for i, ffn in self.moe.items():
-            run, route = ffn._expert, ffn.route
-
-            def run_expert(e: int, x: np.ndarray, i: int = i, run: Any = run) -> np.ndarray:
-                self.calls.append((i, e, x.shape[0]))
-                return run(e, x)
+            route = ffn.route
 
             def take_route(x: np.ndarray, i: int = i, route: Any = route) -> tuple[np.ndarray, np.ndarray]:
                 top, weights = route(x)
                 self.routes[i] = top
                 return top, weights
 
-            ffn._expert, ffn.route = run_expert, take_route
+            ffn.route = take_route
+            ffn.gate = _GateSpy(ffn.gate, lambda e, n, i=i: self.calls.append((i, e, n)))
 
     def reset(self) -> None:
         self.calls.clear()

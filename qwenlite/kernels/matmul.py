@@ -245,6 +245,26 @@ def _matmul_x8(w8, qtype, act_k, x, out):
             _chunk_x8(qtype, w8, aq, ad, asum, nb, out, c)
 
 
+@njit(cache=True, error_model="numpy", parallel=True)
+def _matmul_grouped(ws, qtype, act_k, interleaved, x, starts, experts, out):
+    """Rows ``starts[j]:starts[j+1]`` of ``x`` times matrix ``experts[j]`` of the stack ``ws``, for every
+    segment j, in one parallel region over (segment, row chunk) pairs: a MoE layer's selected experts
+    cost one thread wake-up per projection instead of one per expert (ggml's ``mul_mat_id``)."""
+    aq, ad, asum = _quantize_acts(act_k, x)
+    nb = x.shape[1] // (256 if act_k else 32)
+    per_chunk = _GROUP_CHUNK if interleaved else _ROW_CHUNK
+    n_chunks = (ws.shape[1] + per_chunk - 1) // per_chunk
+    for item in prange(experts.shape[0] * n_chunks):
+        j = item // n_chunks
+        c = item % n_chunks
+        t0 = starts[j]
+        t1 = starts[j + 1]
+        if interleaved:
+            _chunk_x8(qtype, ws[experts[j]], aq[t0:t1], ad[t0:t1], asum[t0:t1], nb, out[t0:t1], c)
+        else:
+            _chunk(act_k, qtype, ws[experts[j]], aq[t0:t1], ad[t0:t1], asum[t0:t1], out[t0:t1], c)
+
+
 @njit(cache=True, error_model="numpy", inline="always")
 def _dot_f32(qtype, w, x):
     if qtype == _F16:
@@ -316,3 +336,39 @@ def matmul(
         else:
             _matmul_int(w, int(fmt.TYPE), fmt.ACT == "q8_k", x, out)
     return out[0] if vector else out
+
+
+def matmul_experts(
+    ws: np.ndarray, qtype: int, x: np.ndarray, starts: np.ndarray, experts: np.ndarray, interleaved: bool = False
+) -> np.ndarray:
+    """Segment-wise ``matmul`` against a stack of expert matrices: rows ``starts[j]:starts[j+1]`` of
+    ``x`` (float32 ``[M, K]``) times expert ``experts[j]`` of ``ws`` (``uint8 [E, N, row_bytes]``, or
+    ``[E, N/8, 8*row_bytes]`` when ``interleaved``). Returns float32 ``[M, N]``; each row equals what
+    ``matmul`` gives for it alone.
+    """
+    fmt = quant.get_format(qtype)
+    ws = np.asarray(ws)
+    if ws.ndim != 3:
+        raise QwenliteError(f"expert weights must be a 3-D stack, got shape {ws.shape}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    starts = np.ascontiguousarray(starts, dtype=np.int64)
+    experts = np.ascontiguousarray(experts, dtype=np.int64)
+    if x.ndim != 2 or starts.ndim != 1 or experts.ndim != 1 or starts.shape[0] != experts.shape[0] + 1:
+        raise QwenliteError("matmul_experts needs x [M, K], starts [S+1] and experts [S]")
+    if starts[0] != 0 or starts[-1] != x.shape[0] or np.any(np.diff(starts) < 0):
+        raise QwenliteError(f"segment starts must rise from 0 to {x.shape[0]}")
+    if experts.size and (experts.min() < 0 or experts.max() >= ws.shape[0]):
+        raise QwenliteError(f"expert ids must be in 0..{ws.shape[0] - 1}")
+    if fmt.ACT == "f32":
+        rows = 8 if interleaved else 1
+        out = np.empty((x.shape[0], ws.shape[1] * rows), np.float32)
+        for j, e in enumerate(experts):
+            out[starts[j] : starts[j + 1]] = matmul(ws[e], qtype, x[starts[j] : starts[j + 1]], interleaved=interleaved)
+        return out
+    # Shape and layout checks of one expert are those of matmul; the stack shares them.
+    probe = matmul(ws[0], qtype, np.zeros((0, x.shape[1]), np.float32), interleaved=interleaved)
+    out = np.empty((x.shape[0], probe.shape[1]), np.float32)
+    if x.shape[0] and experts.size:
+        ws = np.ascontiguousarray(ws)
+        _matmul_grouped(ws, int(fmt.TYPE), fmt.ACT == "q8_k", interleaved, x, starts, experts, out)
+    return out

@@ -63,23 +63,20 @@ class MoEFFN:
             weights = weights / weights.sum(axis=1, keepdims=True)
         return top, weights.astype(np.float32)
 
-    def _expert(self, e: int, x: np.ndarray) -> np.ndarray:
-        gate, up, down = self.gate, self.up, self.down
-        self.bytes_read += gate.w[e].nbytes + up.w[e].nbytes + down.w[e].nbytes
-        return down.expert(e)(swiglu(gate.expert(e)(x), up.expert(e)(x)))
-
     def __call__(self, x: np.ndarray) -> np.ndarray:
         top, weights = self.route(x)
-        out = np.zeros_like(x)
         flat = top.ravel()
         order = np.argsort(flat, kind="stable")
         experts, starts = np.unique(flat[order], return_index=True)
-        bounds = np.append(starts, len(order))
-        for e, lo, hi in zip(experts, bounds[:-1], bounds[1:]):
-            sel = order[lo:hi]
-            tokens = sel // self.k
-            y = self._expert(int(e), np.ascontiguousarray(x[tokens]))
-            np.add.at(out, tokens, y * weights.ravel()[sel, None])
+        starts = np.append(starts, len(order))
+        tokens = order // self.k
+        xs = np.ascontiguousarray(x[tokens])
+        h = swiglu(self.gate.experts(xs, starts, experts), self.up.experts(xs, starts, experts))
+        y = self.down.experts(h, starts, experts)
+        out = np.zeros_like(x)
+        np.add.at(out, tokens, y * weights.ravel()[order, None])
+        per_expert = sum(lin.w[0].nbytes for lin in (self.gate, self.up, self.down))
+        self.bytes_read += per_expert * len(experts)
         if self.shared is not None:
             s = self.shared(x)
             if self.shared_gate is not None:

@@ -9,7 +9,7 @@ import numpy as np
 from qwenlite import quant
 from qwenlite.errors import GGUFError
 from qwenlite.gguf.reader import GGUFFile, TensorInfo
-from qwenlite.kernels.matmul import X8_TYPES, matmul
+from qwenlite.kernels.matmul import X8_TYPES, matmul, matmul_experts
 
 
 def _check(f: GGUFFile, t: TensorInfo, shape: tuple[int, ...]) -> None:
@@ -84,9 +84,9 @@ class Linear:
             y += self.bias
         return y
 
-    def expert(self, e: int) -> Linear:
-        """The 2-D weight of expert ``e`` of a stacked ``[n_expert, ...]`` weight."""
-        return Linear(self.w[e], self.qtype, self.n_in, self.n_out, None, self.interleaved)
+    def experts(self, x: np.ndarray, starts: np.ndarray, experts: np.ndarray) -> np.ndarray:
+        """Rows ``starts[j]:starts[j+1]`` of ``x`` through expert ``experts[j]`` of a stacked weight."""
+        return matmul_experts(self.w, self.qtype, x, starts, experts, interleaved=self.interleaved)
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """Dequantized rows ``ids`` of the weight: an embedding lookup."""
