@@ -259,7 +259,11 @@ def _matmul_grouped(ws, qtype, act_k, interleaved, x, starts, experts, out):
         c = item % n_chunks
         t0 = starts[j]
         t1 = starts[j + 1]
-        if interleaved:
+        if interleaved and t1 - t0 == 1:
+            g0 = c * _GROUP_CHUNK
+            g1 = min(ws.shape[1], g0 + _GROUP_CHUNK)
+            _groups_one_token(qtype, ws[experts[j]], aq[t0], ad[t0], asum[t0], nb, out[t0], g0, g1)
+        elif interleaved:
             _chunk_x8(qtype, ws[experts[j]], aq[t0:t1], ad[t0:t1], asum[t0:t1], nb, out[t0:t1], c)
         else:
             _chunk(act_k, qtype, ws[experts[j]], aq[t0:t1], ad[t0:t1], asum[t0:t1], out[t0:t1], c)

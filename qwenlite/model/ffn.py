@@ -72,9 +72,12 @@ class MoEFFN:
         tokens = order // self.k
         xs = np.ascontiguousarray(x[tokens])
         h = swiglu(self.gate.experts(xs, starts, experts), self.up.experts(xs, starts, experts))
-        y = self.down.experts(h, starts, experts)
-        out = np.zeros_like(x)
-        np.add.at(out, tokens, y * weights.ravel()[order, None])
+        y = self.down.experts(h, starts, experts) * weights.ravel()[order, None]
+        # Row i of y belongs to flat slot order[i] = token*k + j: undo the sort and sum each token's k
+        # rows (np.add.at did the same scatter 20x slower, 3% of a decode step).
+        slots = np.empty_like(y)
+        slots[order] = y
+        out = slots.reshape(x.shape[0], self.k, -1).sum(axis=1)
         per_expert = sum(lin.w[0].nbytes for lin in (self.gate, self.up, self.down))
         self.bytes_read += per_expert * len(experts)
         if self.shared is not None:
