@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -249,3 +250,10 @@ def test_bench_json(tmp_path: Path, real_model_path: Path) -> None:
     for key in ("pp_tps", "pp_std", "tg_tps", "tg_std"):
         assert res[key] >= 0
     assert res["pp_tps"] > 0 and res["tg_tps"] > 0
+
+
+def test_warmup_reports_and_leaves_stdout_empty(tmp_path: Path, real_model_path: Path) -> None:
+    proc = cli_run("warmup", "-m", str(real_model_path), "-t", "2", home=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ""
+    assert re.search(r"warm: load \d+\.\d s, kernels \d+\.\d s", proc.stderr)
