@@ -254,16 +254,23 @@ def _matmul_grouped(ws, qtype, act_k, interleaved, x, starts, experts, out):
     nb = x.shape[1] // (256 if act_k else 32)
     per_chunk = _GROUP_CHUNK if interleaved else _ROW_CHUNK
     n_chunks = (ws.shape[1] + per_chunk - 1) // per_chunk
-    for item in prange(experts.shape[0] * n_chunks):
+    n_items = experts.shape[0] * n_chunks
+    if interleaved and starts.shape[0] - 1 == x.shape[0]:
+        # Decode: one row per segment. A loop of its own whose body is only the format-pure group
+        # loop: with the general paths inlined beside it, the same work ran at half the speed.
+        for item in prange(n_items):
+            j = item // n_chunks
+            g0 = item % n_chunks * _GROUP_CHUNK
+            t = starts[j]
+            g1 = min(ws.shape[1], g0 + _GROUP_CHUNK)
+            _groups_one_token(qtype, ws[experts[j]], aq[t], ad[t], asum[t], nb, out[t], g0, g1)
+        return
+    for item in prange(n_items):
         j = item // n_chunks
         c = item % n_chunks
         t0 = starts[j]
         t1 = starts[j + 1]
-        if interleaved and t1 - t0 == 1:
-            g0 = c * _GROUP_CHUNK
-            g1 = min(ws.shape[1], g0 + _GROUP_CHUNK)
-            _groups_one_token(qtype, ws[experts[j]], aq[t0], ad[t0], asum[t0], nb, out[t0], g0, g1)
-        elif interleaved:
+        if interleaved:
             _chunk_x8(qtype, ws[experts[j]], aq[t0:t1], ad[t0:t1], asum[t0:t1], nb, out[t0:t1], c)
         else:
             _chunk(act_k, qtype, ws[experts[j]], aq[t0:t1], ad[t0:t1], asum[t0:t1], out[t0:t1], c)
