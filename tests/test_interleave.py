@@ -146,8 +146,9 @@ def test_expert_stacks_interleave_per_expert() -> None:
 def test_real_model_loads_interleaved(real_model) -> None:  # noqa: ANN001 - pytest fixture
     """The loader interleaves every matrix it can, and embedding lookups read the file's layout."""
     net = real_model.network
-    linears = [lin for b in net.blocks for lin in (b.wq, b.wk, b.wv, b.wo, b.ffn.gate, b.ffn.up, b.ffn.down)]
+    linears = [lin for b in net.blocks for lin in (b.wq, b.wk, b.wv, b.wo, b.ffn.gate_up, b.ffn.down)]
     linears.append(net.output)
+    assert all(b.ffn.gate_up is not None and b.ffn.gate_up.n_out == 2 * b.ffn.n_ff for b in net.blocks)
     for lin in linears:
         assert lin.interleaved == (lin.qtype in X8_TYPES and lin.n_out % 8 == 0)
     assert any(lin.interleaved for lin in linears)

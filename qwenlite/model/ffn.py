@@ -17,15 +17,24 @@ from qwenlite.model.weights import Linear, vector
 
 
 class DenseFFN:
-    """down(silu(gate(x)) * up(x))."""
+    """down(silu(gate(x)) * up(x)), with gate and up as one stacked matrix when their type allows."""
 
     def __init__(self, f: GGUFFile, prefix: str, n_embd: int, n_ff: int, suffix: str = "") -> None:
-        self.gate = Linear.load(f, f"{prefix}.ffn_gate{suffix}", n_embd, n_ff)
-        self.up = Linear.load(f, f"{prefix}.ffn_up{suffix}", n_embd, n_ff)
+        names = [f"{prefix}.ffn_gate{suffix}", f"{prefix}.ffn_up{suffix}"]
+        self.n_ff = n_ff
+        self.gate_up = Linear.load_stacked(f, names, n_embd, n_ff)
+        self.gate = self.up = None
+        if self.gate_up is None:
+            self.gate, self.up = (Linear.load(f, name, n_embd, n_ff) for name in names)
         self.down = Linear.load(f, f"{prefix}.ffn_down{suffix}", n_ff, n_embd)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.down(swiglu(self.gate(x), self.up(x)))
+        if self.gate_up is not None:
+            gu = self.gate_up(x)
+            g, u = np.ascontiguousarray(gu[:, : self.n_ff]), np.ascontiguousarray(gu[:, self.n_ff :])
+        else:
+            g, u = self.gate(x), self.up(x)
+        return self.down(swiglu(g, u))
 
 
 def _softmax_rows(x: np.ndarray) -> np.ndarray:

@@ -35,13 +35,15 @@ def vector(f: GGUFFile, name: str, n: int) -> np.ndarray:
 _READ_CHUNK = 8 << 20
 
 
-def _read_interleaved(f: GGUFFile, t: TensorInfo) -> np.ndarray:
-    """``t`` in the x8 layout, built from ``GGUFFile.read_rows`` copies of a few MiB at a time, so its
-    file pages are never mapped into this process and the peak is the result plus one chunk."""
+def _read_interleaved(f: GGUFFile, t: TensorInfo, out: np.ndarray | None = None) -> np.ndarray:
+    """``t`` in the x8 layout (written into ``out``, 2-D, when given), built from ``GGUFFile.read_rows``
+    copies of a few MiB at a time, so its file pages are never mapped into this process and the peak
+    is the result plus one chunk."""
     rows = t.rows()
     row_bytes = rows.shape[-1]
     n = t.nbytes // row_bytes
-    out = np.empty((n // 8, 8 * row_bytes), np.uint8)
+    if out is None:
+        out = np.empty((n // 8, 8 * row_bytes), np.uint8)
     step = max(8, _READ_CHUNK // row_bytes // 8 * 8)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
@@ -77,6 +79,23 @@ class Linear:
         if interleave and t.qtype in X8_TYPES and n_out % 8 == 0:
             return cls(_read_interleaved(f, t), int(t.qtype), n_in, n_out, b, True)
         return cls(t.rows(), int(t.qtype), n_in, n_out, b)
+
+    @classmethod
+    def load_stacked(cls, f: GGUFFile, names: list[str], n_in: int, n_out: int) -> Linear | None:
+        """The weights ``names`` (same input, ``n_out`` rows each, no bias) as one interleaved matrix
+        whose outputs are theirs side by side, or None when they cannot share one (types differ or
+        have no x8 kernel): one parallel call and one activation quantization instead of several."""
+        ts = [f.tensor(f"{name}.weight") for name in names]
+        for t in ts:
+            _check(f, t, (n_out, n_in))
+        qtype = ts[0].qtype
+        if qtype not in X8_TYPES or n_out % 8 or any(t.qtype != qtype for t in ts):
+            return None
+        row_bytes = quant.row_nbytes(qtype, n_in)
+        w = np.empty((len(ts) * n_out // 8, 8 * row_bytes), np.uint8)
+        for i, t in enumerate(ts):
+            _read_interleaved(f, t, out=w[i * n_out // 8 : (i + 1) * n_out // 8])
+        return cls(w, int(qtype), n_in, len(ts) * n_out, None, True)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         y = matmul(self.w, self.qtype, x, interleaved=self.interleaved)
