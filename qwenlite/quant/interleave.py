@@ -172,14 +172,14 @@ class Block:
     is the activation's ``j``-th block sum (the ``asum`` entries of this block).
     """
 
-    def __init__(self, context, builder, w, ob, acts, sums, a0, s0, where):
-        self.context, self.builder = context, builder
+    def __init__(self, builder, w, ob, acts, sums, a0, s0, where):
+        self.builder = builder
         self._w, self._ob, self._acts, self._sums, self._a0, self._s0 = w, ob, acts, sums, a0, s0
         self._where = where
 
     def _load(self, base, off, vecty):
         b = self.builder
-        ptr = b.gep(base, [b.add(off, ir.Constant(off.type, 0))])
+        ptr = b.gep(base, [off])
         return b.load(b.bitcast(ptr, vecty.as_pointer()), align=1, typ=vecty)
 
     def _at(self, off, u):
@@ -267,7 +267,7 @@ def row_dot_x8(fields, type_size, act_block, sum_block, emit):
                 ob = builder.mul(i, ir.Constant(intp, ROWS * type_size))
                 a0 = builder.mul(i, ir.Constant(intp, act_block))
                 s0 = builder.mul(i, ir.Constant(intp, sum_block))
-                blk = Block(context, builder, w, ob, acts, sums, a0, s0, where)
+                blk = Block(builder, w, ob, acts, sums, a0, s0, where)
                 for t, terms in enumerate(emit(blk, n)):
                     da = splat(builder, builder.load(builder.gep(scales[t], [i])), _V8F32)
                     acc = builder.load(totals[t])
