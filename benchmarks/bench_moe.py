@@ -186,8 +186,9 @@ def render(results: list[MoEResult]) -> str:
             q = r.quick
             lines += [
                 "",
-                f"{r.name}: larger than this machine's {_ram_gb():.0f} GB of RAM, so qwenlite only, through mmap "
-                f"(no copy of the weights), {r.threads} threads: load {q['load_s']:.1f} s, prefill of "
+                f"{r.name}: larger than this machine's {_ram_gb():.0f} GB of RAM, so qwenlite only, routed experts "
+                f"through mmap (only the non-expert matrices are copied, interleaved), {r.threads} threads: "
+                f"load {q['load_s']:.1f} s, prefill of "
                 f"{len(PROMPT_IDS)} tokens {q['prefill_s']:.1f} s, first decoded token {q['first_token_s']:.1f} s, "
                 f"next {int(q['n_tokens']) - 1} tokens {q['later_tokens_s']:.1f} s each "
                 f"({1 / q['later_tokens_s']:.2f} tok/s), peak RSS {q['peak_rss_mb']:.0f} MB. Disk-bound: a token "
