@@ -72,23 +72,33 @@ def _dest(b, poff, size, byte, r, type_size):
     return base + size * r + byte
 
 
-@intrinsic
-def _copy_word(typingctx, dst, d, src, s):  # noqa: ARG001 - signature fixed by numba
-    """``dst[d:d+4] = src[s:s+4]`` as one unaligned 32-bit load and store (no bounds check)."""
-    if not (isinstance(dst, types.Array) and isinstance(src, types.Array)):
-        return None
+def _copier(bits):
+    """An intrinsic ``(dst, d, src, s)``: ``dst[d:d+n] = src[s:s+n]`` for ``n = bits/8`` bytes as one
+    unaligned load and store (no bounds check)."""
+    ity = ir.IntType(bits)
 
-    def codegen(context, builder, sig, args):
-        def ptr(aryty, ary, idxty, idx):
-            data = context.make_array(aryty)(context, builder, ary).data
-            p = builder.gep(data, [context.cast(builder, idx, idxty, types.intp)])
-            return builder.bitcast(p, _I32.as_pointer())
+    @intrinsic
+    def copy(typingctx, dst, d, src, s):  # noqa: ARG001 - signature fixed by numba
+        if not (isinstance(dst, types.Array) and isinstance(src, types.Array)):
+            return None
 
-        word = builder.load(ptr(sig.args[2], args[2], sig.args[3], args[3]), align=1)
-        builder.store(word, ptr(sig.args[0], args[0], sig.args[1], args[1]), align=1)
-        return context.get_dummy_value()
+        def codegen(context, builder, sig, args):
+            def ptr(aryty, ary, idxty, idx):
+                data = context.make_array(aryty)(context, builder, ary).data
+                p = builder.gep(data, [context.cast(builder, idx, idxty, types.intp)])
+                return builder.bitcast(p, ity.as_pointer())
 
-    return types.none(dst, d, src, s), codegen
+            value = builder.load(ptr(sig.args[2], args[2], sig.args[3], args[3]), align=1)
+            builder.store(value, ptr(sig.args[0], args[0], sig.args[1], args[1]), align=1)
+            return context.get_dummy_value()
+
+        return types.none(dst, d, src, s), codegen
+
+    return copy
+
+
+_copy_word = _copier(32)
+_copy_half = _copier(16)
 
 
 @njit(cache=True, error_model="numpy", parallel=True, nogil=True)
@@ -96,23 +106,22 @@ def _pack(w, fields, type_size, out):
     nb = w.shape[1] // type_size
     for g in prange(out.shape[0]):
         dst = out[g]
-        for b in range(nb):
-            ob = b * type_size
-            for f in range(fields.shape[0]):
-                off = fields[f, 0]
-                size = fields[f, 1]
-                base = 8 * (ob + fields[f, 2])
-                if size % 4 == 0:
-                    for u in range(size // 4):
-                        for r in range(ROWS):
-                            s = ob + off + 4 * u
-                            d = base + 32 * u + 4 * r
-                            _copy_word(dst, d, w[ROWS * g + r], s)
-                else:
-                    for r in range(ROWS):
-                        src = w[ROWS * g + r]
+        for r in range(ROWS):
+            src = w[ROWS * g + r]
+            for b in range(nb):
+                ob = b * type_size
+                for f in range(fields.shape[0]):
+                    off = ob + fields[f, 0]
+                    size = fields[f, 1]
+                    base = 8 * (ob + fields[f, 2])
+                    if size % 4 == 0:
+                        for u in range(size // 4):
+                            _copy_word(dst, base + 32 * u + 4 * r, src, off + 4 * u)
+                    elif size == 2:
+                        _copy_half(dst, base + 2 * r, src, off)
+                    else:
                         for k in range(size):
-                            dst[base + size * r + k] = src[ob + off + k]
+                            dst[base + size * r + k] = src[off + k]
 
 
 @njit(cache=True, error_model="numpy")
