@@ -4,6 +4,7 @@
 PYTHON   ?= python3
 PEER     := .peer
 PEER_PY  := $(PEER)/venv/bin/python
+BENCH_VENV := $(PEER)/qwenlite-venv
 # Pinned llama-cpp-python sdist (it vendors llama.cpp), fetched from PyPI into .peer/ when missing;
 # override SDIST to build from a local copy.
 PEER_VERSION := 0.3.36
@@ -16,7 +17,7 @@ BENCH_ARGS   ?=
 CONVERT_ARGS ?=
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: install test test-peer lint peer peer-build peer-src bench bench-convert clean
+.PHONY: install test test-peer lint peer peer-build peer-src bench bench-venv bench-convert clean
 
 # Editable install of qwenlite with the test extras.
 install:
@@ -57,8 +58,13 @@ peer-src: $(SDIST)
 		&& mv $(PEER)/unpack/llama_cpp_python-*/vendor/llama.cpp $(PEER)/llama.cpp-src && rm -rf $(PEER)/unpack; }
 
 # qwenlite vs llama.cpp throughput, TTFT, RSS, bandwidth -> BENCHMARKS.md (extra GGUFs: BENCH_ARGS=...).
-bench: peer
-	$(PYTHON) -m benchmarks.bench_side_by_side $(BENCH_ARGS)
+bench: peer bench-venv
+	QWENLITE_BENCH_EXE=$(CURDIR)/$(BENCH_VENV)/bin/qwenlite $(PYTHON) -m benchmarks.bench_side_by_side $(BENCH_ARGS)
+
+# qwenlite installed the README's way (`pip install -e .`, no test extras) in its own environment, so
+# the benchmarks run with exactly the package's dependencies.
+bench-venv:
+	@test -x $(BENCH_VENV)/bin/qwenlite || { $(PYTHON) -m venv $(BENCH_VENV) && $(BENCH_VENV)/bin/pip install -q -e .; }
 
 # Converter speed, qwenlite vs llama.cpp, HF -> Q4_K_M -> BENCHMARKS.md.
 bench-convert: peer

@@ -61,9 +61,17 @@ def bytes_read_per_token(path: Path) -> tuple[int, int]:
     return total, total if tied else total - embd
 
 
+def qwenlite_exe() -> str | None:
+    """The ``qwenlite`` console script the benchmarks run: ``$QWENLITE_BENCH_EXE`` (``make bench`` points
+    it at a virtual environment made by the README's install command, so start-up is measured with
+    the package's own dependencies: a development environment with SciPy installed makes Numba's
+    first call import it, +0.3 s), else the one on PATH."""
+    return os.environ.get("QWENLITE_BENCH_EXE") or shutil.which("qwenlite")
+
+
 def qwenlite_cmd(*args: str) -> list[str]:
     """The ``qwenlite`` console script, or the same entry point through this interpreter."""
-    exe = shutil.which("qwenlite")
+    exe = qwenlite_exe()
     return [exe, *args] if exe else [sys.executable, "-m", "qwenlite.cli", *args]
 
 
@@ -229,7 +237,8 @@ def render(results: list[ModelResult], bw: float, args: argparse.Namespace) -> s
         "",
         f"Wall time from process start to exit of `qwenlite run -n 1` (prompt {TTFT_PROMPT!r}, "
         "warm page cache and Numba cache, after one untimed run), and of a llama-cpp-python process "
-        "doing the same (load + one token), with the peak RSS of each process.",
+        "doing the same (load + one token), with the peak RSS of each process. "
+        f"qwenlite ran as `{qwenlite_exe() or sys.executable + ' -m qwenlite.cli'}`.",
         "",
         "| model | file MB | qwenlite TTFT s | qwenlite peak RSS MB | llama.cpp TTFT s | llama.cpp peak RSS MB |",
         "|---|---:|---:|---:|---:|---:|",
