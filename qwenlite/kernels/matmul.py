@@ -9,8 +9,12 @@ How it works (the llama.cpp CPU recipe, in Numba):
    tiles and every weight row is dotted with all tokens of the tile while it is hot in cache: during
    prefill each weight byte comes from memory once per tile instead of once per token. During
    decode (one token) the loop streams the weight once, which is the bandwidth floor.
-3. The per-type work is the format module's ``dot_row``; the if-chain that picks it tests a
+3. The per-type work is the format module's ``dot_rows``; the if-chain that picks it tests a
    loop-invariant integer, one predictable branch per row. Nothing is dequantized into a copy.
+4. Weights the loader interleaved (``interleaved=True``, the x8 layout of ``quant.interleave``) run
+   the formats' ``dot_rows_x8`` kernels over groups of 8 rows instead; decode (one activation row)
+   takes loops whose body is a single format's kernel, which LLVM schedules markedly better than
+   the dispatching tile loop. ``matmul_experts`` does the same for a MoE layer's selected experts.
 
 Thread count: whatever ``numba.set_num_threads`` the caller set (prange honours it per call).
 """
