@@ -215,7 +215,8 @@ class Block:
         return self._load(self._sums[t], b.add(self._s0, ir.Constant(self._s0.type, j)), _I32)
 
 
-def _is_rows(tup, dtype):
+def is_rows(tup, dtype):
+    """Typing check shared by the dot intrinsics: ``tup`` is a tuple of arrays of ``dtype``."""
     return isinstance(tup, types.UniTuple) and isinstance(tup.dtype, types.Array) and tup.dtype.dtype == dtype
 
 
@@ -247,8 +248,8 @@ def row_dot_x8(fields, type_size, act_block, sum_block, emit):
     def dot(typingctx, w, aqs, ads, asums, nb, outs, r):  # noqa: ARG001 - signature fixed by numba
         ok = (
             isinstance(w, types.Array) and w.dtype == types.uint8 and w.ndim == 1
-            and _is_rows(aqs, types.int8) and _is_rows(ads, types.float32) and _is_rows(asums, types.int32)
-            and _is_rows(outs, types.float32)
+            and is_rows(aqs, types.int8) and is_rows(ads, types.float32) and is_rows(asums, types.int32)
+            and is_rows(outs, types.float32)
             and aqs.count == ads.count == asums.count == outs.count
             and isinstance(nb, types.Integer) and isinstance(r, types.Integer)
         )

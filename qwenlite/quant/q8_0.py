@@ -26,7 +26,7 @@ from numba.extending import intrinsic
 from qwenlite.errors import QwenliteError
 from qwenlite.gguf.constants import GGMLType
 from qwenlite.quant.halfprec import f16_bits_to_f32, f32_to_f16_bits
-from qwenlite.quant.interleave import row_dot_x8
+from qwenlite.quant.interleave import is_rows, row_dot_x8, splat
 
 TYPE = GGMLType.Q8_0
 BLOCK_SIZE = 32
@@ -245,11 +245,6 @@ def _fmuladd(builder, a, b, c):
     return builder.call(fn, [a, b, c])
 
 
-def _splat(builder, value, vecty):
-    vec = builder.insert_element(ir.Constant(vecty, None), value, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(_I32, vecty.count), [0] * vecty.count))
-
-
 def _check_dot_args(w, a):
     return (
         isinstance(w, types.Array)
@@ -257,10 +252,6 @@ def _check_dot_args(w, a):
         and w.dtype in (types.uint8, types.int8)
         and a.dtype == types.int8
     )
-
-
-def _is_rows(tup, dtype):
-    return isinstance(tup, types.UniTuple) and isinstance(tup.dtype, types.Array) and tup.dtype.dtype == dtype
 
 
 def row_dot(type_size, values, min_at=None):
@@ -286,7 +277,7 @@ def row_dot(type_size, values, min_at=None):
     def dot(typingctx, w, aqs, ads, asums, nb):  # noqa: ARG001 - signature fixed by numba
         ok = (
             isinstance(w, types.Array) and w.dtype in (types.uint8, types.int8)
-            and _is_rows(aqs, types.int8) and _is_rows(ads, types.float32) and _is_rows(asums, types.int32)
+            and is_rows(aqs, types.int8) and is_rows(ads, types.float32) and is_rows(asums, types.int32)
             and aqs.count == ads.count == asums.count and isinstance(nb, types.Integer)
         )
         if not ok:
@@ -319,7 +310,7 @@ def row_dot(type_size, values, min_at=None):
                     lanes = lane_dots(builder, wv, av, ir.Constant(_V8I32, [0] * 8), signed=signed)
                     halves = [ir.Constant(ir.VectorType(_I32, 4), list(range(k, k + 4))) for k in (0, 4)]
                     quads = builder.add(*(builder.shuffle_vector(lanes, lanes, h) for h in halves))
-                    d = _splat(builder, builder.fpext(builder.fmul(dw, da), _F64T), _V4F64)
+                    d = splat(builder, builder.fpext(builder.fmul(dw, da), _F64T), _V4F64)
                     builder.store(_fmuladd(builder, builder.sitofp(quads, _V4F64), d, builder.load(acc[t])), acc[t])
                     if min_at is not None:
                         bsum = load_at(context, builder, *rows[2][t], i, _I32)
@@ -518,13 +509,13 @@ def legacy_x8(fields, type_size, values, offset, min_at=None, isa=SIMD_ISA):
         out = []
         for t in range(n):
             bsum = blk.bsum(t, 0)
-            start = _splat(b, b.mul(bsum, ir.Constant(_I32, -offset)), _V8I32) if offset else _ZERO8
+            start = splat(b, b.mul(bsum, ir.Constant(_I32, -offset)), _V8I32) if offset else _ZERO8
             chains = [start, _ZERO8]
             for j, (v, k) in enumerate(units):
                 chains[j % 2] = lane_dots(b, v, blk.act(t, k), chains[j % 2], isa=isa, signed=signed)
             terms = [(d, b.add(*chains), False)]
             if m is not None:
-                terms.append((m, _splat(b, bsum, _V8I32), False))
+                terms.append((m, splat(b, bsum, _V8I32), False))
             out.append(terms)
         return out
 
