@@ -220,6 +220,15 @@ def is_rows(tup, dtype):
     return isinstance(tup, types.UniTuple) and isinstance(tup.dtype, types.Array) and tup.dtype.dtype == dtype
 
 
+def act_rows_ok(aqs, ads, asums):
+    """Typing check of every dot intrinsic's activation arguments: equally long tuples of int8
+    quants, float32 scales and int32 block sums."""
+    return (
+        is_rows(aqs, types.int8) and is_rows(ads, types.float32) and is_rows(asums, types.int32)
+        and aqs.count == ads.count == asums.count
+    )
+
+
 def row_dot_x8(fields, type_size, act_block, sum_block, emit):
     """Build the x8 dot intrinsic of a format:
     ``(w8, aqs, ads, asums, nb, outs, r) -> None`` writes, for each of the ``n`` activation rows
@@ -248,9 +257,7 @@ def row_dot_x8(fields, type_size, act_block, sum_block, emit):
     def dot(typingctx, w, aqs, ads, asums, nb, outs, r):  # noqa: ARG001 - signature fixed by numba
         ok = (
             isinstance(w, types.Array) and w.dtype == types.uint8 and w.ndim == 1
-            and is_rows(aqs, types.int8) and is_rows(ads, types.float32) and is_rows(asums, types.int32)
-            and is_rows(outs, types.float32)
-            and aqs.count == ads.count == asums.count == outs.count
+            and act_rows_ok(aqs, ads, asums) and is_rows(outs, types.float32) and aqs.count == outs.count
             and isinstance(nb, types.Integer) and isinstance(r, types.Integer)
         )
         if not ok:

@@ -22,7 +22,7 @@ from numba.extending import intrinsic
 from qwenlite.errors import QwenliteError
 from qwenlite.gguf.constants import GGMLType
 from qwenlite.quant.halfprec import f16_bits_to_f32, f32_as_u32, f32_to_f16_bits
-from qwenlite.quant.interleave import is_rows, row_dot_x8, splat
+from qwenlite.quant.interleave import act_rows_ok, row_dot_x8, splat
 from qwenlite.quant.q8_0 import broadcast, f16_to_f32, lane_dots, load_at, reduce_add
 
 TYPE = GGMLType.Q4_K
@@ -279,8 +279,7 @@ def row_dot_k(type_size, d_at, dmin_at, sums):
     def dot(typingctx, w, aqs, ads, asums, nb):  # noqa: ARG001 - signature fixed by numba
         ok = (
             isinstance(w, types.Array) and w.dtype == types.uint8
-            and is_rows(aqs, types.int8) and is_rows(ads, types.float32) and is_rows(asums, types.int32)
-            and aqs.count == ads.count == asums.count and isinstance(nb, types.Integer)
+            and act_rows_ok(aqs, ads, asums) and isinstance(nb, types.Integer)
         )
         if not ok:
             return None
