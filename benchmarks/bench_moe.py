@@ -142,7 +142,7 @@ def render(results: list[MoEResult]) -> str:
         "",
         machine_summary(),
         "",
-        "Files written by `python -m converters.synthetic SHAPE -o FILE` (exact tensor shapes and Q4_K_M "
+        "Files written by `python -m qwenlite.converters.synthetic SHAPE -o FILE` (exact tensor shapes and Q4_K_M "
         "types of the real model, random valid blocks, the real Qwen tokenizer); speed depends only on "
         "shapes and types. Active bytes per token = all non-expert tensors (attention, router, shared "
         "expert, norms, output) + one embedding row + k experts per sparse layer. Measured = what one "

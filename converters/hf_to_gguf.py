@@ -15,7 +15,7 @@ llama.cpp's qwen2moe support falls short there (field notes §4):
 
 Tensor order is llama.cpp's (``tensor_names.llama_cpp_order``), so the per-layer choices of the
 k-quant mixes equal llama-quantize's on the same checkpoint. Memory: tensors are read from
-memory-mapped safetensors and written in chunks (``converters.pipeline``).
+memory-mapped safetensors and written in chunks (``qwenlite.converters.pipeline``).
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ import os
 import sys
 from pathlib import Path
 
-from converters.hf_config import ModelConfig, load_config
-from converters.hf_tokenizer import HFTokenizer, load_hf_tokenizer
-from converters.mixes import FILE_TYPES, FileType, file_type
-from converters.pipeline import SourceTensor, resolve_types, write_model
-from converters.safetensors_io import Checkpoint
-from converters.tensor_names import SourceRef, check_sources, ignored_hf_tensors, llama_cpp_order, tensor_specs
+from qwenlite.converters.hf_config import ModelConfig, load_config
+from qwenlite.converters.hf_tokenizer import HFTokenizer, load_hf_tokenizer
+from qwenlite.converters.mixes import FILE_TYPES, FileType, file_type
+from qwenlite.converters.pipeline import SourceTensor, resolve_types, write_model
+from qwenlite.converters.safetensors_io import Checkpoint
+from qwenlite.converters.tensor_names import SourceRef, check_sources, ignored_hf_tensors, llama_cpp_order, tensor_specs
 from qwenlite.errors import QwenliteError
 from qwenlite.gguf.constants import GGMLType, GGUFValueType
 from qwenlite.gguf.writer import GGUFWriter
@@ -175,7 +175,7 @@ def convert(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m converters.hf_to_gguf HF_DIR OUT.gguf --type q4_k_m``"""
+    """``python -m qwenlite.converters.hf_to_gguf HF_DIR OUT.gguf --type q4_k_m``"""
     p = argparse.ArgumentParser(description="Convert a Hugging Face Qwen2 / Qwen2-MoE checkpoint to GGUF.")
     p.add_argument("hf_dir")
     p.add_argument("out")

@@ -4,7 +4,7 @@ Input tensors arrive as zero-copy views (safetensors or GGUF memory maps) in F32
 Each output tensor is produced in row chunks of a few MB: convert the chunk to float32, quantize it
 with ``qwenlite.quant.quantize`` (the single definition of every format, F32/F16/BF16 included),
 append it to the file. Peak memory therefore stays around one chunk plus the page cache, however large
-the model, and both entry points pick types with the same ``converters.mixes`` rules.
+the model, and both entry points pick types with the same ``qwenlite.converters.mixes`` rules.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from converters.mixes import FileType, choose_types
-from converters.progress import Progress
-from converters.safetensors_io import to_float32
 from qwenlite import quant
+from qwenlite.converters.mixes import FileType, choose_types
+from qwenlite.converters.progress import Progress
+from qwenlite.converters.safetensors_io import to_float32
 from qwenlite.gguf.constants import GGMLType
 from qwenlite.gguf.writer import GGUFWriter
 

@@ -2,7 +2,7 @@
 
 This is llama-quantize for qwenlite's types: the metadata is copied, ``general.file_type`` is
 replaced, and every tensor goes through the same type choice and chunked write path as a conversion
-(``converters.pipeline``). Already-quantized inputs are refused: quantizing dequantized values again
+(``qwenlite.converters.pipeline``). Already-quantized inputs are refused: quantizing dequantized values again
 compounds the error, so the right input is always the float file.
 """
 
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from converters.mapped import MappedFile
-from converters.mixes import FILE_TYPES, file_type
-from converters.pipeline import SourceTensor, write_model
+from qwenlite.converters.mapped import MappedFile
+from qwenlite.converters.mixes import FILE_TYPES, file_type
+from qwenlite.converters.pipeline import SourceTensor, write_model
 from qwenlite.errors import QwenliteError
 from qwenlite.gguf.constants import GGMLType
 from qwenlite.gguf.reader import GGUFFile, TensorInfo
@@ -76,7 +76,7 @@ def requantize(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m converters.requantize IN.gguf OUT.gguf --type q4_k_m``"""
+    """``python -m qwenlite.converters.requantize IN.gguf OUT.gguf --type q4_k_m``"""
     p = argparse.ArgumentParser(description="Re-quantize an f32/f16/bf16 GGUF.")
     p.add_argument("input")
     p.add_argument("out")

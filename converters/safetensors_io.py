@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from converters.mapped import MappedFile
+from qwenlite.converters.mapped import MappedFile
 from qwenlite.errors import QwenliteError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
@@ -167,7 +167,7 @@ class SafetensorsFile:
         return self._map.view(np_dtype, count, entry.start).reshape(entry.shape)
 
     def release(self, view: np.ndarray) -> bool:
-        """Drop the pages under a consumed view from ``raw`` (see ``converters.mapped``)."""
+        """Drop the pages under a consumed view from ``raw`` (see ``qwenlite.converters.mapped``)."""
         return self._map is not None and self._map.release(view)
 
     def close(self) -> None:

@@ -7,7 +7,7 @@ random but valid blocks: every scale field holds a small finite f16, so activati
 router still spreads tokens over many experts. Random bytes are written directly instead of quantizing
 random floats, which turns a job of hours into one bounded by disk speed.
 
-    python -m converters.synthetic qwen1.5-moe-a2.7b -o moe-a2.7b-q4_k_m.gguf [--vocab-from MODEL.gguf]
+    python -m qwenlite.converters.synthetic qwen1.5-moe-a2.7b -o moe-a2.7b-q4_k_m.gguf [--vocab-from MODEL.gguf]
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from converters.mixes import choose_types, file_type
-from converters.progress import Progress
 from qwenlite import quant
+from qwenlite.converters.mixes import choose_types, file_type
+from qwenlite.converters.progress import Progress
 from qwenlite.errors import QwenliteError
 from qwenlite.gguf.constants import GGMLType, GGUFValueType
 from qwenlite.gguf.reader import GGUFFile
@@ -213,7 +213,7 @@ def _copy_key(w: GGUFWriter, key: str, value: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m converters.synthetic", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m qwenlite.converters.synthetic", description=__doc__.split("\n\n")[0])
     ap.add_argument("shape", choices=sorted(SHAPES))
     ap.add_argument("-o", "--output", required=True, type=Path)
     ap.add_argument("--type", default="q4_k_m")

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from converters.hf_config import ModelConfig
+from qwenlite.converters.hf_config import ModelConfig
 from qwenlite.errors import QwenliteError
 
 

@@ -239,7 +239,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     try:
-        from converters.hf_to_gguf import convert
+        from qwenlite.converters.hf_to_gguf import convert
     except ImportError as exc:
         raise QwenliteError(f"the HF converter is not available: {exc}") from exc
     convert(args.hf_dir, args.output, args.type, progress=True)
@@ -248,7 +248,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     try:
-        from converters.requantize import requantize
+        from qwenlite.converters.requantize import requantize
     except ImportError as exc:
         raise QwenliteError(f"the re-quantizer is not available: {exc}") from exc
     requantize(args.input, args.output, args.type, progress=True)

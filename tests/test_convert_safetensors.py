@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from converters.safetensors_io import Checkpoint, SafetensorsError, SafetensorsFile, bf16_to_float32
+from qwenlite.converters.safetensors_io import Checkpoint, SafetensorsError, SafetensorsFile, bf16_to_float32
 
 
 def _raw_file(path: Path, header: dict | bytes, data: bytes = b"", header_len: int | None = None) -> Path:
@@ -132,7 +132,7 @@ def test_convert_reports_hostile_checkpoint(tmp_path: Path) -> None:
     """Through ``convert``: a clear QwenliteError, never a traceback from deep inside."""
     from hf_fixtures import make_qwen2_checkpoint
 
-    from converters.hf_to_gguf import convert
+    from qwenlite.converters.hf_to_gguf import convert
     from qwenlite.errors import QwenliteError
 
     d = make_qwen2_checkpoint(tmp_path, num_hidden_layers=1)

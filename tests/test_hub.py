@@ -98,7 +98,7 @@ def write_manifest(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, data: bytes,
         "packages": [{"name": p, "version": "1.0"} for p in packages]}]}
     path = tmp_path / "manifest.json"
     path.write_text(json.dumps(manifest))
-    monkeypatch.setattr(hub, "MANIFEST_PATH", path)
+    monkeypatch.setattr(hub, "MANIFEST_OVERRIDE", path)
 
 
 def publish_parts(index: Index, parts: list[bytes]) -> list[str]:

@@ -56,7 +56,7 @@ from gguf.quants import dequantize
 from hf_fixtures import make_qwen2_checkpoint, make_qwen2moe_checkpoint
 from hf_reference import hf_name
 
-from converters.hf_to_gguf import convert, plan
+from qwenlite.converters.hf_to_gguf import convert, plan
 from tests.peer import LLAMA_CPP_SRC, llama_greedy, llama_logits, requires_peer, run_worker
 
 CONVERT_SCRIPT = LLAMA_CPP_SRC / "convert_hf_to_gguf.py"

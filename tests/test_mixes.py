@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from converters.mixes import FILE_TYPES, choose_types, ggml_n_dims, use_more_bits
+from qwenlite.converters.mixes import FILE_TYPES, choose_types, ggml_n_dims, use_more_bits
 from qwenlite.errors import QwenliteError
 from qwenlite.gguf.constants import GGMLType
 from qwenlite.gguf.reader import GGUFFile
@@ -191,7 +191,7 @@ def test_converting_the_real_checkpoint_plans_the_llama_cpp_file(hf_reference_di
     """The 0.5B model as an HF checkpoint (rebuilt from the GGUF): a q4_k_m conversion would write
     exactly the tensors, shapes and order of llama.cpp's own Q4_K_M file (llama.cpp's converter order
     blk.0, blk.1, blk.10, ...), with the types of today's llama-quantize (see the test above)."""
-    from converters.hf_to_gguf import plan
+    from qwenlite.converters.hf_to_gguf import plan
 
     with GGUFFile(real_model_path) as f:
         real = [(t.name, t.shape, t.qtype) for t in f]

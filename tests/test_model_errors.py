@@ -10,7 +10,7 @@ import pytest
 from hf_fixtures import make_qwen2_checkpoint
 
 import qwenlite
-from converters.hf_to_gguf import convert
+from qwenlite.converters.hf_to_gguf import convert
 from qwenlite.errors import GGUFError, QwenliteError
 from qwenlite.gguf.constants import GGMLType
 from qwenlite.gguf.reader import GGUFFile, TensorInfo

@@ -38,7 +38,7 @@ import torch
 from hf_fixtures import make_qwen2moe_checkpoint
 from safetensors.torch import load_file, save_file
 
-from converters.hf_to_gguf import convert
+from qwenlite.converters.hf_to_gguf import convert
 from qwenlite.gguf.reader import GGUFFile
 from qwenlite.model.ffn import DenseFFN, MoEFFN
 from tests.peer import llama_logits, requires_peer
@@ -428,7 +428,7 @@ TINY_SHAPE = dict(
 
 @pytest.fixture(scope="module")
 def synthetic_file(tmp_path_factory: pytest.TempPathFactory, real_model_path: Path) -> Path:
-    from converters.synthetic import MoEShape, write_synthetic
+    from qwenlite.converters.synthetic import MoEShape, write_synthetic
 
     out = tmp_path_factory.mktemp("synthetic") / "tiny-moe-q4_k_m.gguf"
     return write_synthetic(MoEShape(**TINY_SHAPE), out, "q4_k_m", vocab_from=real_model_path, progress=False)
@@ -440,8 +440,8 @@ def test_synthetic_file_has_the_mix_types_and_sane_weights(synthetic_file: Path,
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    from converters.mixes import choose_types
-    from converters.synthetic import MoEShape, tensor_shapes, weight_std
+    from qwenlite.converters.mixes import choose_types
+    from qwenlite.converters.synthetic import MoEShape, tensor_shapes, weight_std
 
     shape = MoEShape(**TINY_SHAPE)
     reader = GGUFReader(synthetic_file)

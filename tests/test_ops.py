@@ -12,7 +12,7 @@ from transformers import Qwen2Config
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
-from converters.hf_to_gguf import convert
+from qwenlite.converters.hf_to_gguf import convert
 from qwenlite.kernels.ops import PARALLEL_ATTENTION_WORK, attention, rms_norm, rope_neox, rope_tables, store_kv, swiglu
 
 RNG = np.random.default_rng(0)
