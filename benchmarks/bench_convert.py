@@ -29,16 +29,20 @@ from benchmarks.bench_side_by_side import qwenlite_cmd, run_measured, thread_env
 from benchmarks.report import fmt, machine_summary, update_section
 from tests.peer import LLAMA_CPP_SRC, PEER_DIR, peer_available, run_worker
 
-DEFAULT_GGUF = "/work/dl/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct-q4_k_m"
 
 
 def default_hf_dir() -> Path:
-    """The 0.5B model as an HF checkpoint, cached under .peer/ (it takes minutes to build)."""
+    """The 0.5B model ($QWENLITE_TEST_MODEL, else pulled into the qwenlite cache) as an HF checkpoint,
+    cached under .peer/ (it takes minutes to build)."""
+    from qwenlite.errors import QwenliteError
+    from qwenlite.hub import resolve_model
     from tests.hf_reference import gguf_to_hf
 
-    src = Path(os.environ.get("QWENLITE_TEST_MODEL", DEFAULT_GGUF))
-    if not src.exists():
-        sys.exit(f"no HF directory given and {src} is missing (set QWENLITE_TEST_MODEL or --hf-dir)")
+    try:
+        src = resolve_model(os.environ.get("QWENLITE_TEST_MODEL") or DEFAULT_MODEL)
+    except QwenliteError as exc:
+        sys.exit(f"no HF directory given and the default model is unavailable: {exc} (or pass --hf-dir)")
     return gguf_to_hf(src, PEER_DIR / "hf" / src.stem)
 
 

@@ -15,8 +15,9 @@ Results accumulate by file name in ``benchmarks/moe_results.json`` (so files mea
 e.g. one too big to keep on disk beside the other, share one table) and replace the ``moe`` section
 of BENCHMARKS.md.
 
-    python3 -m benchmarks.bench_moe /work/dl/moe/qwen1.5-moe-a2.7b-q4_k_m.gguf -p 128 -n 32 -r 3
-    python3 -m benchmarks.bench_moe --quick /work/dl/moe/qwen2-57b-a14b-q4_k_m.gguf
+    python3 -m qwenlite.converters.synthetic qwen1.5-moe-a2.7b -o qwen1.5-moe-a2.7b-q4_k_m.gguf
+    python3 -m benchmarks.bench_moe qwen1.5-moe-a2.7b-q4_k_m.gguf -p 128 -n 32 -r 3
+    python3 -m benchmarks.bench_moe --quick qwen2-57b-a14b-q4_k_m.gguf
 """
 
 from __future__ import annotations

@@ -12,7 +12,6 @@ Two references per case:
 F32/F16/BF16 weights take float activations, so their tolerance is the tight 1e-5 relative one.
 """
 
-import os
 from pathlib import Path
 
 import numba
@@ -31,12 +30,9 @@ ALL = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q
 
 
 @pytest.fixture(scope="module")
-def real_model_reader() -> GGUFReader:
-    """gguf's own reader on the real 0.5B model ($QWENLITE_TEST_MODEL or the dev copy); skip if absent."""
-    path = Path(os.environ.get("QWENLITE_TEST_MODEL", "/work/dl/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"))
-    if not path.exists():
-        pytest.skip(f"model file {path} not present")
-    return GGUFReader(path)
+def real_model_reader(real_model_path: Path) -> GGUFReader:
+    """gguf's own reader on the real 0.5B model (conftest's ``real_model_path``: pulled once)."""
+    return GGUFReader(real_model_path)
 
 
 def _activation_steps(x: np.ndarray, act: str) -> tuple[np.ndarray, np.ndarray]:

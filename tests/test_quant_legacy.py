@@ -5,7 +5,6 @@ written in vectorized numpy for bf16, and `gguf.quants` (dequantize, and quantiz
 supports) for the block formats.
 """
 
-import os
 from pathlib import Path
 
 import numba
@@ -24,12 +23,9 @@ from qwenlite.quant.halfprec import bf16_bits_to_f32, f16_bits_to_f32, f32_to_bf
 
 
 @pytest.fixture(scope="module")
-def real_model_reader() -> GGUFReader:
-    """gguf's own reader on the real 0.5B model ($QWENLITE_TEST_MODEL or the dev copy); skip if absent."""
-    path = Path(os.environ.get("QWENLITE_TEST_MODEL", "/work/dl/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"))
-    if not path.exists():
-        pytest.skip(f"model file {path} not present")
-    return GGUFReader(path)
+def real_model_reader(real_model_path: Path) -> GGUFReader:
+    """gguf's own reader on the real 0.5B model (conftest's ``real_model_path``: pulled once)."""
+    return GGUFReader(real_model_path)
 
 
 @numba.njit(cache=True)
