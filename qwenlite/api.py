@@ -1,29 +1,44 @@
-"""The Python API: ``m = qwenlite.load(path)``, then tokenize / logits / generate / chat.
+"""The Python API: ``m = qwenlite.load(path)``, then tokenize / logits / generate / chat, and their batched
+forms ``logits_batch`` / ``generate_batch``.
 
-A ``Model`` owns the mapped GGUF file, the tokenizer, the network and one ``Engine`` (KV cache). It is
-not thread-safe: one generation at a time per model.
+A ``Model`` owns the mapped GGUF file, the tokenizer, the network and one ``Engine`` whose KV cache has
+``n_seq`` sequence slots. Calls are serialized: a second thread waits for the first call (or stream)
+to finish; a call from the thread that still holds an open stream is refused with a clear error
+(waiting there would never end). ``generate`` and ``chat`` keep what they evaluated in slot 0 and reuse
+the longest common prefix on the next call, so a multi-turn chat through this stateless API costs
+only its new tokens (``last_reused`` says how many were reused). ``cancel()``, from any thread, stops
+a running evaluation between two forward passes.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numba
 import numpy as np
 
-from qwenlite.chat.generate import generate as _generate
+from qwenlite.backends import get_backend
+from qwenlite.chat.generate import Generation, TextStream
 from qwenlite.chat.sampler import Sampler, SamplerConfig
+from qwenlite.chat.session import common_prefix
 from qwenlite.chat.template import ChatTemplate
 from qwenlite.errors import QwenliteError
 from qwenlite.gguf.reader import GGUFFile
 from qwenlite.model.config import ModelConfig
-from qwenlite.model.engine import Engine
 from qwenlite.model.qwen2 import Qwen2
+from qwenlite.runtime.engine import DEFAULT_N_BATCH, Engine
+from qwenlite.runtime.kvcache import kv_type
+from qwenlite.runtime.loader import Loader, LoadPolicy
 from qwenlite.tokenizer import Tokenizer
 
 DEFAULT_N_CTX = 4096
+# Sequence slots: generate_batch and logits_batch run this many sequences at a time. Slots cost
+# address space, not memory, until positions fill (the cache is in lazily mapped pages).
+DEFAULT_N_SEQ = 4
 
 
 def _fits_in_memory(path: Path) -> bool:
@@ -39,14 +54,58 @@ def _fits_in_memory(path: Path) -> bool:
     return path.stat().st_size <= available // 2
 
 
+class _StreamInfo:
+    generation: Generation | None = None
+
+
+class Stream:
+    """The text pieces of a streamed completion. ``close()`` (or breaking out of the loop and dropping
+    the stream) stops it at once; ``tokens``, ``finish_reason`` and ``reused`` describe the generation."""
+
+    def __init__(self, it: Iterator[str], info: _StreamInfo) -> None:
+        self._it = it
+        self._info = info  # filled by the generator; it holds no reference back to this object, so
+        # dropping the stream frees (and closes) the generator at once, without waiting for the GC
+
+    @property
+    def generation(self) -> Generation | None:
+        return self._info.generation
+
+    def __iter__(self) -> Stream:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._it)
+
+    def close(self) -> None:
+        self._it.close()
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.generation.tokens if self.generation else []
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.generation.finish_reason if self.generation else None
+
+    @property
+    def reused(self) -> int:
+        return self.generation.reused if self.generation else 0
+
+
 class Model:
     """A loaded Qwen2 / Qwen2-MoE model."""
 
-    def __init__(self, path: str | os.PathLike[str], n_threads: int | None = None, n_ctx: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], n_threads: int | None = None, n_ctx: int | None = None, *,
+                 n_seq: int = DEFAULT_N_SEQ, kv_type: str | None = None, n_batch: int = DEFAULT_N_BATCH,
+                 backend: str = "cpu") -> None:
         if n_threads is not None:
             if n_threads < 1:
                 raise QwenliteError(f"threads must be >= 1, got {n_threads}")
             numba.set_num_threads(min(n_threads, numba.config.NUMBA_NUM_THREADS))
+        if n_seq < 1:
+            raise QwenliteError(f"n_seq (sequence slots) must be >= 1, got {n_seq}")
+        self.kv_type = _kv_name(kv_type)
         self.path = Path(path)
         self.file = GGUFFile(self.path)
         self.metadata = self.file.metadata
@@ -56,9 +115,59 @@ class Model:
         if n_ctx < 1:
             raise QwenliteError(f"context size must be >= 1, got {n_ctx}")
         self.n_ctx = n_ctx
-        self.network = Qwen2(self.file, self.config, n_ctx, interleave_experts=_fits_in_memory(self.path))
-        self.engine = Engine(self.network, n_ctx)
+        self.backend = get_backend(backend)
+        loader = Loader(self.file, LoadPolicy(interleave_experts=_fits_in_memory(self.path)))
+        self.network = Qwen2(loader, self.config, n_ctx, self.backend)
+        self.runtime = Engine(self.network, n_ctx, n_seq=n_seq, kv_type=self.kv_type, n_batch=n_batch)
+        self.engine = self.runtime.sequence(0)  # slot 0: generate / chat / logits
         self.template = ChatTemplate.from_metadata(self.metadata)
+        self.last_reused = 0
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+
+    # ---- bookkeeping -------------------------------------------------------------------------
+
+    @property
+    def n_seq(self) -> int:
+        return self.runtime.n_seq
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV cache bytes one position of one sequence takes (all layers, K and V)."""
+        return self.runtime.cache.bytes_per_token
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        me = threading.get_ident()
+        if self._owner == me:
+            raise QwenliteError("this model is still streaming a previous generation in this thread; "
+                                "exhaust or close() that stream first")
+        with self._lock:
+            self._owner = me
+            try:
+                yield
+            finally:
+                self._owner = None
+
+    def cancel(self) -> None:
+        """Stop the evaluation running in another thread before its next forward pass (a stream then
+        ends with finish_reason "cancelled"; other calls raise ``qwenlite.errors.Cancelled``)."""
+        self.runtime.cancel()
+
+    def _ids(self, prompt: str | Sequence[int], special: bool, what: str = "the prompt") -> list[int]:
+        ids = self.tokenize(prompt, special=special) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not ids:
+            raise QwenliteError(f"{what} is empty; give at least one token")
+        n_vocab = self.config.n_vocab
+        bad = [t for t in ids if not 0 <= t < n_vocab]
+        if bad:
+            raise QwenliteError(f"{what}: token id {bad[0]} out of range 0..{n_vocab - 1}")
+        if len(ids) > self.n_ctx:
+            raise QwenliteError(f"{what} is {len(ids)} tokens but a sequence's context is {self.n_ctx}; "
+                                "shorten it or raise the context size")
+        return ids
+
+    # ---- single sequence ---------------------------------------------------------------------
 
     def tokenize(self, text: str, special: bool = False) -> list[int]:
         """Token ids of ``text``; control-token text stays plain unless ``special`` is True."""
@@ -69,8 +178,10 @@ class Model:
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """Logits ``float32 [len(ids), n_vocab]`` at every position, in a fresh context."""
-        self.engine.reset()
-        return self.engine.eval_all(ids)
+        ids = self._ids(ids, False, "the token list")
+        with self._exclusive():
+            self.engine.reset()
+            return self.engine.eval_all(ids)
 
     def generate(
         self,
@@ -86,17 +197,36 @@ class Model:
         repeat_penalty: float = 1.0,
         stop: Sequence[str] = (),
         special: bool = False,
-    ) -> str | Iterator[str]:
-        """Raw completion of a prompt (text, or token ids) in a fresh context.
+        sampling: SamplerConfig | None = None,
+    ) -> str | Stream:
+        """Raw completion of a prompt (text, or token ids).
 
         Stops at an end-of-turn token, at a stop string, or after ``max_tokens``. With ``stream=True``
-        returns an iterator of text pieces that never contains part of a stop marker.
+        returns a ``Stream`` of text pieces that never contains part of a stop marker. The result is
+        the same as in a fresh context; the KV of the longest prefix shared with the previous call is
+        reused (``last_reused`` / ``Stream.reused``). ``sampling`` replaces the individual options.
         """
-        ids = self.tokenize(prompt_or_ids, special=special) if isinstance(prompt_or_ids, str) else list(prompt_or_ids)
-        sampler = Sampler(SamplerConfig(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed))
-        self.engine.reset()
-        pieces = _generate(self.engine, self.tokenizer, ids, max_tokens, sampler, stop_strings=stop)
-        return pieces if stream else "".join(pieces)
+        cfg = sampling or SamplerConfig(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed)
+        ids = self._ids(prompt_or_ids, special)
+        if max_tokens < 0:
+            raise QwenliteError(f"max tokens must be >= 0, got {max_tokens}")
+        info = _StreamInfo()
+        out = Stream(self._stream(ids, max_tokens, Sampler(cfg), tuple(stop), info), info)
+        return out if stream else "".join(out)
+
+    def _stream(self, ids: list[int], max_tokens: int, sampler: Sampler, stop: tuple[str, ...],
+                info: _StreamInfo) -> Iterator[str]:
+        with self._exclusive():
+            eng = self.engine
+            keep = min(common_prefix(eng.tokens, ids), len(ids) - 1)
+            eng.truncate(keep)
+            gen = Generation(eng, self.tokenizer, ids[keep:], max_tokens, sampler, stop_strings=stop)
+            gen.reused = self.last_reused = keep
+            info.generation = gen
+            try:
+                yield from gen
+            finally:
+                gen.close()
 
     def chat(
         self,
@@ -110,15 +240,74 @@ class Model:
         min_p: float = 0.05,
         repeat_penalty: float = 1.0,
         seed: int | None = None,
-    ) -> str | Iterator[str]:
+        stop: Sequence[str] = (),
+        sampling: SamplerConfig | None = None,
+    ) -> str | Stream:
         """The assistant's reply to a ChatML conversation (``[{"role": ..., "content": ...}, ...]``).
 
         Message text is tokenized with special parsing off, so ``<|im_end|>`` typed by a user stays
-        text. The model's default system prompt applies when no system message is given.
+        text. The model's default system prompt applies when no system message is given. The earlier
+        turns' keys and values are reused from the previous call (``last_reused``).
         """
         ids = self.template.encode(self.tokenizer, messages)
         return self.generate(ids, max_tokens, temperature, top_k, top_p, seed, stream,
-                             min_p=min_p, repeat_penalty=repeat_penalty)
+                             min_p=min_p, repeat_penalty=repeat_penalty, stop=stop, sampling=sampling)
+
+    # ---- many sequences ----------------------------------------------------------------------
+
+    def logits_batch(self, sequences: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """Logits ``float32 [len, n_vocab]`` of every position of each id list, each in a fresh
+        context, evaluated ``n_seq`` sequences at a time in shared forward passes. Bit-identical to
+        ``logits`` of each list alone."""
+        lists = [self._ids(s, False, f"sequence {i}") for i, s in enumerate(sequences)]
+        out: list[np.ndarray] = []
+        with self._exclusive():
+            eng = self.runtime
+            for w in range(0, len(lists), self.n_seq):
+                wave = lists[w : w + self.n_seq]
+                eng.clear()
+                ids = [t for ids in wave for t in ids]
+                seq = [s for s, ids in enumerate(wave) for _ in ids]
+                rows = eng.decode(ids, seq, logits=np.ones(len(ids), bool))
+                ends = np.cumsum([len(ids) for ids in wave])
+                out.extend(np.split(rows, ends[:-1]))
+            eng.clear()
+        return out
+
+    def generate_batch(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int = 40,
+        top_p: float = 0.95,
+        seed: int | Sequence[int] | None = None,
+        stop: Sequence[str] = (),
+        *,
+        min_p: float = 0.05,
+        repeat_penalty: float = 1.0,
+        special: bool = False,
+    ) -> list[str]:
+        """Completions of many prompts decoded together (continuous batching over ``n_seq`` slots: a
+        finished sequence's slot takes the next prompt at once). Each step reads the weights once for
+        all running sequences.
+
+        Each prompt gets its own sampler: with an int ``seed`` every prompt is sampled as
+        ``generate(prompt, seed=seed)`` would (so its text never depends on the other prompts), a list
+        gives one seed per prompt. At temperature 0 each result equals ``generate(prompt)``.
+        """
+        lists = [self._ids(p, special, f"prompt {i}") for i, p in enumerate(prompts)]
+        if max_tokens < 0:
+            raise QwenliteError(f"max tokens must be >= 0, got {max_tokens}")
+        if seed is None or isinstance(seed, int | np.integer):
+            seeds = [seed] * len(lists)
+        else:
+            seeds = list(seed)
+            if len(seeds) != len(lists):
+                raise QwenliteError(f"{len(seeds)} seeds for {len(lists)} prompts")
+        cfgs = [SamplerConfig(temperature, top_k, top_p, min_p, repeat_penalty, seed=s) for s in seeds]
+        with self._exclusive():
+            return _BatchRun(self, lists, max_tokens, cfgs, tuple(stop)).run()
 
     def close(self) -> None:
         self.file.close()
@@ -130,6 +319,74 @@ class Model:
         self.close()
 
 
-def load(path: str | os.PathLike[str], n_threads: int | None = None, n_ctx: int | None = None) -> Model:
-    """Load a GGUF model (memory-mapped; nothing is copied but the small norm vectors)."""
-    return Model(path, n_threads=n_threads, n_ctx=n_ctx)
+class _Seq:
+    """One prompt of a batch run while it holds a slot."""
+
+    def __init__(self, index: int, slot: int, ids: list[int], sampler: Sampler, stream: TextStream) -> None:
+        self.index, self.slot, self.sampler, self.stream = index, slot, sampler, stream
+        self.history = list(ids)
+        self.feed = list(ids)  # tokens to evaluate in the next step
+        self.n_gen = 0
+        self.text: list[str] = []
+
+
+class _BatchRun:
+    """The continuous-batching loop of ``generate_batch``."""
+
+    def __init__(self, model: Model, lists: list[list[int]], max_tokens: int, cfgs: list[SamplerConfig],
+                 stop: tuple[str, ...]) -> None:
+        self.m, self.lists, self.max_tokens, self.cfgs, self.stop = model, lists, max_tokens, cfgs, stop
+        self.results = [""] * len(lists)
+
+    def _admit(self, index: int, slot: int) -> _Seq:
+        m = self.m
+        return _Seq(index, slot, self.lists[index], Sampler(self.cfgs[index]), TextStream(m.tokenizer, None, self.stop))
+
+    def _finish(self, s: _Seq) -> None:
+        s.text.append(s.stream.flush())
+        self.results[s.index] = "".join(s.text)
+
+    def run(self) -> list[str]:
+        eng = self.m.runtime
+        eng.clear()
+        queue = list(range(len(self.lists)))
+        if self.max_tokens == 0:
+            return self.results
+        free = list(range(eng.n_seq))
+        active: list[_Seq] = []
+        try:
+            while queue or active:
+                while queue and free:
+                    active.append(self._admit(queue.pop(0), free.pop(0)))
+                ids = [t for s in active for t in s.feed]
+                seq = [s.slot for s in active for _ in s.feed]
+                logits = eng.decode(ids, seq)  # the last token of each sequence, in batch order
+                still: list[_Seq] = []
+                for s, row in zip(active, logits):
+                    tok = s.sampler.sample(row, s.history)
+                    s.text.append(s.stream.push(tok))
+                    s.n_gen += 1
+                    s.history.append(tok)
+                    s.feed = [tok]
+                    if s.stream.stopped or s.n_gen >= self.max_tokens or eng.length(s.slot) >= eng.n_ctx:
+                        self._finish(s)
+                        eng.clear(s.slot)
+                        free.append(s.slot)
+                    else:
+                        still.append(s)
+                active = still
+        finally:
+            eng.clear()
+        return self.results
+
+
+def _kv_name(name: str | None) -> str:
+    return kv_type(name).name
+
+
+def load(path: str | os.PathLike[str], n_threads: int | None = None, n_ctx: int | None = None, *,
+         n_seq: int = DEFAULT_N_SEQ, kv_type: str | None = None, n_batch: int = DEFAULT_N_BATCH) -> Model:
+    """Load a GGUF model. Weights stay quantized (repacked 8 rows at a time); ``n_ctx`` positions per
+    sequence, ``n_seq`` sequence slots, KV cache of type ``kv_type`` ("f16" default, "f32", "q8_0"),
+    prompts evaluated ``n_batch`` tokens per forward pass."""
+    return Model(path, n_threads=n_threads, n_ctx=n_ctx, n_seq=n_seq, kv_type=kv_type, n_batch=n_batch)

@@ -12,3 +12,7 @@ class QwenliteError(Exception):
 
 class GGUFError(QwenliteError):
     """A GGUF file that is truncated, hostile or not one we can run."""
+
+
+class Cancelled(QwenliteError):
+    """An evaluation stopped by ``Model.cancel()`` between two forward passes."""

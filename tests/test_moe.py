@@ -200,7 +200,7 @@ def case(request: pytest.FixtureRequest, cases: dict[str, Case]) -> Case:
 def _load(path: Path) -> Any:
     import qwenlite
 
-    return qwenlite.load(path, n_threads=2, n_ctx=64)
+    return qwenlite.load(path, n_threads=2, n_ctx=64, kv_type="f32")  # exact math; cache types tested apart
 
 
 def _hf_logits(hf: Any, ids: list[int]) -> np.ndarray:
@@ -236,19 +236,22 @@ def _rel_l2(ours: np.ndarray, ref: np.ndarray) -> np.ndarray:
     return np.linalg.norm(ours - ref, axis=1) / np.linalg.norm(ref, axis=1)
 
 
-class _GateSpy:
-    """Stands in for a MoE layer's stacked gate projection and logs (expert, n_tokens) per segment it runs."""
+class _BackendSpy:
+    """Stands in for the model's backend and logs (layer, expert, n_tokens) per segment that a MoE
+    layer's gate projection runs."""
 
-    def __init__(self, lin: Any, log: Any) -> None:
-        self.lin, self.log = lin, log
+    def __init__(self, be: Any, gates: dict[int, int], log: Any) -> None:
+        self.be, self.gates, self.log = be, gates, log
 
-    def experts(self, x: np.ndarray, starts: np.ndarray, experts: np.ndarray) -> np.ndarray:
-        for j, e in enumerate(experts):
-            self.log(int(e), int(starts[j + 1] - starts[j]))
-        return self.lin.experts(x, starts, experts)
+    def linear_experts(self, w: Any, x: np.ndarray, starts: np.ndarray, experts: np.ndarray) -> np.ndarray:
+        layer = self.gates.get(id(w))
+        if layer is not None:
+            for j, e in enumerate(experts):
+                self.log(layer, int(e), int(starts[j + 1] - starts[j]))
+        return self.be.linear_experts(w, x, starts, experts)
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.lin, name)
+        return getattr(self.be, name)
 
 
 class _Recorder:
@@ -261,13 +264,14 @@ class _Recorder:
         for i, ffn in self.moe.items():
             route = ffn.route
 
-            def take_route(x: np.ndarray, i: int = i, route: Any = route) -> tuple[np.ndarray, np.ndarray]:
-                top, weights = route(x)
+            def take_route(be: Any, x: np.ndarray, i: int = i, route: Any = route) -> tuple[np.ndarray, np.ndarray]:
+                top, weights = route(be, x)
                 self.routes[i] = top
                 return top, weights
 
             ffn.route = take_route
-            ffn.gate = _GateSpy(ffn.gate, lambda e, n, i=i: self.calls.append((i, e, n)))
+        gates = {id(ffn.gate): i for i, ffn in self.moe.items()}
+        model.network.backend = _BackendSpy(model.network.backend, gates, lambda i, e, n: self.calls.append((i, e, n)))
 
     def reset(self) -> None:
         self.calls.clear()

@@ -12,8 +12,11 @@ from transformers import Qwen2Config
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
+from qwenlite.backends.cpu import PARALLEL_ATTENTION_WORK, CPUBackend
 from qwenlite.converters.hf_to_gguf import convert
-from qwenlite.kernels.ops import PARALLEL_ATTENTION_WORK, attention, rms_norm, rope_neox, rope_tables, store_kv, swiglu
+from qwenlite.errors import QwenliteError
+from qwenlite.kernels.ops import rms_norm, rope_neox, rope_tables, swiglu
+from qwenlite.runtime.kvcache import KVCache
 
 RNG = np.random.default_rng(0)
 
@@ -74,7 +77,7 @@ def test_rope_neox_matches_transformers() -> None:
     x = RNG.standard_normal((T, H * hd)).astype(np.float32)
     cos, sin = rope_tables(64, hd, 10000.0)
     ours = x.copy()
-    rope_neox(ours, H, 5, cos, sin)
+    rope_neox(ours, H, np.arange(5, 5 + T), cos, sin)
     c = torch.from_numpy(np.concatenate([cos[5 : 5 + T]] * 2, axis=1))[None]
     s = torch.from_numpy(np.concatenate([sin[5 : 5 + T]] * 2, axis=1))[None]
     q = torch.from_numpy(x.reshape(T, H, hd).transpose(1, 0, 2).copy())[None]
@@ -82,29 +85,76 @@ def test_rope_neox_matches_transformers() -> None:
     np.testing.assert_allclose(ours, ref[0].numpy().transpose(1, 0, 2).reshape(T, H * hd), atol=1e-5)
 
 
-@pytest.mark.parametrize(("n_head", "n_kv", "hd", "pos0", "T"), [(6, 2, 8, 4, 5), (8, 2, 64, 200, 9)])
-def test_causal_gqa_attention_over_cache(n_head: int, n_kv: int, hd: int, pos0: int, T: int) -> None:
-    """Both drivers: the small case runs serially, the large one on the thread pool."""
+def _f16(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float16).astype(np.float64)
+
+
+def _q8_0(x: np.ndarray) -> np.ndarray:
+    """ggml's Q8_0 round trip of rows (blocks of 32 along the last axis), f16 scales."""
+    b = x.reshape(*x.shape[:-1], -1, 32).astype(np.float32)
+    d = np.abs(b).max(-1, keepdims=True) / np.float32(127)
+    inv = np.where(d == 0, np.float32(0), np.float32(1) / np.where(d == 0, 1, d))
+    q = np.clip(np.sign(b * inv) * np.floor(np.abs(b * inv) + 0.5), -127, 127)  # C roundf: half away from 0
+    return (q * d.astype(np.float16).astype(np.float32)).reshape(x.shape).astype(np.float64)
+
+
+_ROUND = {"f32": lambda x: x.astype(np.float64), "f16": _f16, "q8_0": _q8_0}
+
+
+@pytest.mark.parametrize("kind", ["f32", "f16", "q8_0"])
+@pytest.mark.parametrize(("n_head", "n_kv", "hd", "pos0", "T"), [(6, 2, 32, 4, 5), (8, 2, 64, 200, 9)])
+def test_causal_gqa_attention_over_cache(kind: str, n_head: int, n_kv: int, hd: int, pos0: int, T: int) -> None:
+    """Every cache type against float64 attention over the same rounded keys and values, two sequences
+    in one batch (each token sees only its own); both drivers (the small case runs serially)."""
     n_ctx = pos0 + T + 3
-    small = T * n_head * (pos0 + T) * hd * 2 < PARALLEL_ATTENTION_WORK
+    small = n_head * hd * 2 * (2 * T * pos0 + T * (T - 1) + 2 * T) < PARALLEL_ATTENTION_WORK
     assert small == (pos0 == 4)
-    k_cache = np.zeros((n_kv, n_ctx, hd), np.float32)
-    v_cache = np.zeros_like(k_cache)
-    keys = RNG.standard_normal((pos0 + T, n_kv * hd)).astype(np.float32)
-    vals = RNG.standard_normal((pos0 + T, n_kv * hd)).astype(np.float32)
-    store_kv(k_cache, keys, 0)
-    store_kv(v_cache, vals, 0)
-    q = RNG.standard_normal((T, n_head * hd)).astype(np.float32)
-    out = attention(q, k_cache, v_cache, pos0, n_head)
-    for t in range(T):
+    cache = KVCache(CPUBackend(), 1, n_kv, hd, 2, n_ctx, kind)
+    keys = RNG.standard_normal((2, pos0 + T, n_kv * hd)).astype(np.float32)
+    vals = RNG.standard_normal((2, pos0 + T, n_kv * hd)).astype(np.float32)
+    seq = np.repeat([0, 1], pos0 + T)
+    pos = np.tile(np.arange(pos0 + T), 2)
+    cache.store(0, keys.reshape(-1, n_kv * hd), vals.reshape(-1, n_kv * hd), seq, pos)
+    q = RNG.standard_normal((2 * T, n_head * hd)).astype(np.float32)
+    qseq, qpos = np.repeat([1, 0], T), np.tile(np.arange(pos0, pos0 + T), 2)
+    out = cache.attend(0, q, qseq, qpos, n_head)
+    rk, rv = _ROUND[kind](keys), _ROUND[kind](vals)
+    for t in range(2 * T):
+        s_, p_ = qseq[t], qpos[t]
         for h in range(n_head):
             kv = h // (n_head // n_kv)
-            k = keys[: pos0 + t + 1, kv * hd : (kv + 1) * hd].astype(np.float64)
-            v = vals[: pos0 + t + 1, kv * hd : (kv + 1) * hd].astype(np.float64)
-            s = k @ q[t, h * hd : (h + 1) * hd] / np.sqrt(hd)
-            p = np.exp(s - s.max())
+            k = rk[s_, : p_ + 1, kv * hd : (kv + 1) * hd]
+            v = rv[s_, : p_ + 1, kv * hd : (kv + 1) * hd]
+            sc = k @ q[t, h * hd : (h + 1) * hd] / np.sqrt(hd)
+            p = np.exp(sc - sc.max())
             ref = (p / p.sum()) @ v
             np.testing.assert_allclose(out[t, h * hd : (h + 1) * hd], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_kv_cache_truncate_copy_and_sizes() -> None:
+    be = CPUBackend()
+    sizes = {k: KVCache(be, 2, 2, 64, 1, 8, k).bytes_per_token for k in ("f32", "f16", "q8_0")}
+    assert sizes == {"f32": 2048, "f16": 1024, "q8_0": 544}
+    assert sizes["q8_0"] / sizes["f32"] <= 0.27
+    cache = KVCache(be, 1, 1, 32, 3, 8, "f32")
+    x = RNG.standard_normal((5, 32)).astype(np.float32)
+    cache.store(0, x, x, np.zeros(5, np.int64), np.arange(5))
+    cache.commit(np.zeros(5, np.int64), np.arange(5))
+    cache.copy_prefix(0, 2, 3)
+    assert cache.length(2) == 3 and cache.length(1) == 0
+    np.testing.assert_array_equal(cache.storage.k[0, 2, 0, :3], x[:3])
+    q = RNG.standard_normal((1, 32)).astype(np.float32)
+    a = cache.attend(0, q, np.array([0]), np.array([2]), 1)
+    b = cache.attend(0, q, np.array([2]), np.array([2]), 1)
+    np.testing.assert_array_equal(a, b)
+    cache.truncate(0, 2)
+    assert cache.length(0) == 2
+    with pytest.raises(QwenliteError, match="cannot copy 4"):
+        cache.copy_prefix(0, 1, 4)
+    with pytest.raises(QwenliteError, match="sequence 3 does not exist"):
+        cache.truncate(3, 0)
+    with pytest.raises(QwenliteError, match="unknown KV cache type 'q4_1'"):
+        KVCache(be, 1, 1, 32, 1, 8, "q4_1")
 
 
 def test_yarn_model_equals_transformers(tmp_path: Path) -> None:
@@ -120,7 +170,7 @@ def test_yarn_model_equals_transformers(tmp_path: Path) -> None:
     ids = list(RNG.integers(0, 300, 40))
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0].numpy()
-    with qwenlite.load(out) as m:
+    with qwenlite.load(out, kv_type="f32") as m:  # the exact forward math; cache rounding is tested apart
         assert m.config.rope_scaling == "yarn" and m.config.rope_orig_ctx == 16
         ours = m.logits(ids)
     np.testing.assert_allclose(ours, ref, atol=1e-4 * np.abs(ref).max())

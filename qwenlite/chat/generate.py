@@ -20,7 +20,7 @@ import numpy as np
 
 from qwenlite.chat.sampler import Sampler
 from qwenlite.chat.template import IM_END, IM_START
-from qwenlite.errors import QwenliteError
+from qwenlite.errors import Cancelled, QwenliteError
 from qwenlite.tokenizer import StreamDecoder
 
 MARKER_STRINGS = (IM_START, IM_END, "<|endoftext|>")
@@ -55,13 +55,54 @@ def _held_suffix(text: str, stops: Sequence[str]) -> int:
     return best
 
 
+class TextStream:
+    """Tokens in, text out, with the stop rules of one sequence: stop ids end it before their text,
+    stop strings end it where they begin, and text that could still become a stop string is held back.
+    Shared by the single-sequence ``Generation`` and the batched ``generate_batch``."""
+
+    def __init__(self, tokenizer: object, stop_ids: Iterable[int] | None = None,
+                 stop_strings: Sequence[str] = ()) -> None:
+        self.stop_ids = set(default_stop_ids(tokenizer) if stop_ids is None else stop_ids)
+        self.stop_strings = tuple(s for s in (*MARKER_STRINGS, *stop_strings) if s)
+        self.decoder = StreamDecoder(tokenizer)
+        self.pending = ""
+        self.stopped = False
+
+    def push(self, tok: int) -> str:
+        """The text that ``tok`` releases; sets ``stopped`` when it ends the sequence."""
+        if tok in self.stop_ids:
+            self.stopped = True
+            return self.flush()
+        self.pending += self.decoder.feed(tok)
+        return self._release(final=False)
+
+    def flush(self) -> str:
+        """The text still held back once the sequence has ended for another reason."""
+        self.pending += self.decoder.flush()
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        pending = self.pending
+        cut = min((i for i in (pending.find(s) for s in self.stop_strings) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            self.pending = ""
+            return pending[:cut]
+        ready = len(pending) if final else len(pending) - _held_suffix(pending, self.stop_strings)
+        self.pending = pending[ready:]
+        return pending[:ready]
+
+
 class Generation:
     """An iterator of text pieces; after exhaustion, ``tokens`` and ``finish_reason`` tell what happened.
 
-    ``finish_reason`` is "stop" (stop id or stop string), "length" (max_tokens) or "context" (the
-    KV cache is full). ``tokens`` are the sampled ids excluding a stop id; ``evaluated`` says how many
-    of them were fed back into the engine (the last sampled token is never evaluated), which a chat
-    session needs to know what its KV cache holds.
+    ``finish_reason`` is "stop" (stop id or stop string), "length" (max_tokens), "context" (the
+    sequence's slot of the KV cache is full) or "cancelled" (``Model.cancel()`` stopped a long
+    prompt). ``tokens`` are the sampled ids excluding a stop id; ``evaluated`` says how many of them
+    were fed back into the engine (the last sampled token is never evaluated), which is how a caller
+    knows what its KV cache holds. Closing the iterator (or breaking out of a loop over it and dropping
+    it) stops generation at once: nothing more is evaluated. ``reused`` is the number of prompt tokens
+    whose keys and values were already cached and not evaluated again (set by the caller).
     """
 
     def __init__(self, engine: Engine, tokenizer: object, prompt_ids: Sequence[int], max_tokens: int,
@@ -82,10 +123,10 @@ class Generation:
         self.prompt_ids = prompt_ids
         self.max_tokens = max_tokens
         self.sampler = sampler
-        self.stop_ids = set(default_stop_ids(tokenizer) if stop_ids is None else stop_ids)
-        self.stop_strings = tuple(s for s in (*MARKER_STRINGS, *stop_strings) if s)
+        self.stream = TextStream(tokenizer, stop_ids, stop_strings)
         self.tokens: list[int] = []
         self.evaluated = 0
+        self.reused = 0
         self.finish_reason: str | None = None
         self._it = self._run()
 
@@ -95,31 +136,32 @@ class Generation:
     def __next__(self) -> str:
         return next(self._it)
 
+    def close(self) -> None:
+        """Stop now; what was evaluated stays in the cache."""
+        self._it.close()
+        if self.finish_reason is None:
+            self.finish_reason = "cancelled"
+
     def _run(self) -> Iterator[str]:
-        engine, stops = self.engine, self.stop_strings
-        decoder = StreamDecoder(self.tokenizer)
+        engine, stream = self.engine, self.stream
         history = list(self.prompt_ids)
-        pending = ""
-        logits = engine.eval(self.prompt_ids)
+        try:
+            logits = engine.eval(self.prompt_ids)
+        except Cancelled:
+            self.finish_reason = "cancelled"
+            return
         reason = "length"
         while len(self.tokens) < self.max_tokens:
             tok = self.sampler.sample(logits, history)
-            if tok in self.stop_ids:
-                reason = "stop"
-                break
-            self.tokens.append(tok)
-            history.append(tok)
-            pending += decoder.feed(tok)
-            cut = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
-            if cut >= 0:
+            piece = stream.push(tok)
+            if tok not in stream.stop_ids:
+                self.tokens.append(tok)
+                history.append(tok)
+            if piece:
+                yield piece
+            if stream.stopped:
                 self.finish_reason = "stop"
-                if cut:
-                    yield pending[:cut]
                 return
-            ready = len(pending) - _held_suffix(pending, stops)
-            if ready:
-                yield pending[:ready]
-                pending = pending[ready:]
             if len(self.tokens) >= self.max_tokens:
                 break
             if engine.n_past >= engine.n_ctx:
@@ -128,13 +170,11 @@ class Generation:
             logits = engine.eval([tok])
             self.evaluated += 1
         self.finish_reason = reason
-        pending += decoder.flush()
-        cut = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
-        if cut >= 0:
+        piece = stream.flush()
+        if stream.stopped:
             self.finish_reason = "stop"
-            pending = pending[:cut]
-        if pending:
-            yield pending
+        if piece:
+            yield piece
 
 
 def generate(engine: Engine, tokenizer: object, prompt_ids: Sequence[int], max_tokens: int,

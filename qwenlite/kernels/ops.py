@@ -1,10 +1,11 @@
-"""The transformer's non-matmul ops as Numba kernels: RMSNorm, RoPE (NEOX), SwiGLU, causal GQA attention.
+"""The transformer's non-matmul ops as Numba kernels: RMSNorm, RoPE (NEOX), SwiGLU (attention over the KV cache
+is in ``kernels.kv``).
 
 All work on float32 rows ``[T, ...]`` (T tokens at once for prefill, T=1 for decode). The elementwise
 ops are serial on purpose: at T=1 they take microseconds, less than waking a thread pool (measured
 70-120 us a call when they were parallel), and in prefill they stay small next to the matmuls.
-Attention is parallel over (token, head) pairs because it grows with the context. Reductions
-accumulate in float32 local scalars like ggml does on the CPU.
+Reductions accumulate in float32 local scalars like ggml does on the CPU. Every op works row by row
+with the same code for any T, so a token's result never depends on the other rows of the batch.
 """
 
 from __future__ import annotations
@@ -16,8 +17,16 @@ from numba import njit, prange
 
 from qwenlite.quant.halfprec import _u32_as_f32
 
+# LLVM fast-math flags that keep a row's result independent of how its loop was compiled. "arcp" and
+# "afn" (in fastmath=FASTMATH) let the vectorizer replace a division by an approximate reciprocal and
+# Newton step that the scalar code does not use, so the same row computed by the serial driver (a
+# decode step) and the parallel one (a prompt) differed by an ulp (measured in swiglu: 2.4e-7), and
+# a sequence's logits then depended on how its prompt was split. Reassociation stays: it only
+# reorders a reduction, the same way every time the same loop is compiled.
+FASTMATH = {"nnan", "ninf", "nsz", "contract", "reassoc"}
 
-@njit(cache=True, fastmath=True)
+
+@njit(cache=True, fastmath=FASTMATH)
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """y = x / sqrt(mean(x^2) + eps) * weight, per row of ``x [T, d]``."""
     T, d = x.shape
@@ -64,13 +73,13 @@ def rope_tables(
 
 
 @njit(cache=True)
-def rope_neox(x: np.ndarray, n_heads: int, pos0: int, cos: np.ndarray, sin: np.ndarray) -> None:
-    """Rotate ``x [T, n_heads*hd]`` in place: pairs (i, i + hd/2) of each head, positions pos0..pos0+T-1."""
+def rope_neox(x: np.ndarray, n_heads: int, pos: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
+    """Rotate ``x [T, n_heads*hd]`` in place: pairs (i, i + hd/2) of each head, row t at position ``pos[t]``."""
     T = x.shape[0]
     hd = x.shape[1] // n_heads
     half = hd // 2
     for t in range(T):
-        p = pos0 + t
+        p = pos[t]
         for h in range(n_heads):
             base = h * hd
             for i in range(half):
@@ -87,7 +96,7 @@ _LN2_HI = np.float32(0.693145751953125)  # ln 2 split so that n*_LN2_HI is exact
 _LN2_LO = np.float32(1.428606765330187e-06)
 
 
-@njit(cache=True, fastmath=True, inline="always")
+@njit(cache=True, fastmath=FASTMATH, inline="always")
 def _expf(x):
     """exp(x) in float32 to a few ulp, in operations LLVM vectorizes (libm's expf does not, and Numba
     has no vector math library here): x = n ln2 + r with |r| <= ln2/2, exp(r) by its degree-6
@@ -108,7 +117,7 @@ def _expf(x):
     return p * _u32_as_f32(np.uint32((k - 1) << 23))
 
 
-@njit(cache=True, fastmath=True, inline="always")
+@njit(cache=True, fastmath=FASTMATH, inline="always")
 def _swiglu_row(gate, up, out):
     """Two passes: LLVM vectorizes each, but not the fused loop (measured 12 vs 27 us per 8960 values)."""
     for i in range(gate.shape[0]):
@@ -117,7 +126,7 @@ def _swiglu_row(gate, up, out):
         out[i] = gate[i] * up[i] / (np.float32(1.0) + out[i])
 
 
-@njit(cache=True, fastmath=True, parallel=True)
+@njit(cache=True, fastmath=FASTMATH, parallel=True)
 def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     """silu(gate) * up, elementwise over ``[T, n_ff]``; rows in parallel for a prompt."""
     T = gate.shape[0]
@@ -129,78 +138,3 @@ def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         for t in prange(T):
             _swiglu_row(gate[t], up[t], out[t])
     return out
-
-
-@njit(cache=True, fastmath=True)
-def _attend(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos0: int, n_heads: int, job: int,
-            out: np.ndarray) -> None:
-    """One (token, head) pair: softmax(q k^T / sqrt(hd)) v over the keys up to the token's position."""
-    n_kv, _, hd = k_cache.shape
-    t = job // n_heads
-    h = job % n_heads
-    kvh = h // (n_heads // n_kv)
-    n_keys = pos0 + t + 1
-    scale = np.float32(1.0 / math.sqrt(hd))
-    scores = np.empty(n_keys, dtype=np.float32)
-    qv = q[t, h * hd : (h + 1) * hd]
-    best = np.float32(-np.inf)
-    for j in range(n_keys):
-        s = np.float32(0.0)
-        for i in range(hd):
-            s += qv[i] * k_cache[kvh, j, i]
-        s *= scale
-        scores[j] = s
-        best = max(best, s)
-    total = np.float32(0.0)
-    for j in range(n_keys):
-        e = np.exp(scores[j] - best)
-        scores[j] = e
-        total += e
-    inv = np.float32(1.0) / total
-    o = out[t, h * hd : (h + 1) * hd]
-    for j in range(n_keys):
-        w = scores[j] * inv
-        for i in range(hd):
-            o[i] += w * v_cache[kvh, j, i]
-
-
-@njit(cache=True)
-def _attention_serial(q, k_cache, v_cache, pos0, n_heads, out):  # noqa: ANN001, ANN202
-    for job in range(q.shape[0] * n_heads):
-        _attend(q, k_cache, v_cache, pos0, n_heads, job, out)
-
-
-@njit(cache=True, parallel=True)
-def _attention_parallel(q, k_cache, v_cache, pos0, n_heads, out):  # noqa: ANN001, ANN202
-    for job in prange(q.shape[0] * n_heads):
-        _attend(q, k_cache, v_cache, pos0, n_heads, job, out)
-
-
-# Below this many multiply-adds a thread pool wake-up costs more than it saves.
-PARALLEL_ATTENTION_WORK = 1 << 18
-
-
-def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos0: int, n_heads: int) -> np.ndarray:
-    """Causal GQA attention for queries ``q [T, n_heads*hd]`` at positions pos0..pos0+T-1.
-
-    ``k_cache``/``v_cache`` are one layer's ``[n_kv, n_ctx, hd]`` with the new keys already stored.
-    Query head h reads kv head h // (n_heads / n_kv).
-    """
-    T = q.shape[0]
-    hd = k_cache.shape[2]
-    out = np.zeros((T, n_heads * hd), dtype=np.float32)
-    work = T * n_heads * (pos0 + T) * hd * 2
-    run = _attention_parallel if work >= PARALLEL_ATTENTION_WORK else _attention_serial
-    run(q, k_cache, v_cache, pos0, n_heads, out)
-    return out
-
-
-@njit(cache=True)
-def store_kv(cache: np.ndarray, x: np.ndarray, pos0: int) -> None:
-    """Write ``x [T, n_kv*hd]`` into one layer's cache ``[n_kv, n_ctx, hd]`` at positions pos0.."""
-    T = x.shape[0]
-    n_kv, _, hd = cache.shape
-    for t in range(T):
-        for h in range(n_kv):
-            for i in range(hd):
-                cache[h, pos0 + t, i] = x[t, h * hd + i]

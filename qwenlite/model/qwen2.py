@@ -1,91 +1,139 @@
-"""The Qwen2 / Qwen2-MoE forward pass (field notes section 4), one decoder block after another.
+"""The Qwen2 / Qwen2-MoE forward pass (field notes section 4) over a batch of tokens from many sequences.
 
     x = embed(ids)
     for each block:
-        h = rms_norm(x);  q, k, v = Wq h + bq, Wk h + bk, Wv h + bv;  rope(q, k)
-        x = x + Wo attention(q, K_cache, V_cache)
+        h = rms_norm(x);  q, k, v = Wq h + bq, Wk h + bk, Wv h + bv;  rope(q, k at each token's position)
+        store k, v at (seq, pos);  x = x + Wo attention(q over its own sequence's keys 0..pos)
         x = x + ffn(rms_norm(x))            # SwiGLU MLP, or the MoE block
-    logits = W_out rms_norm(x)              # W_out = token_embd when the embeddings are tied
+    logits = W_out rms_norm(x[rows])        # W_out = token_embd when the embeddings are tied
+
+A batch (llama.cpp's ubatch) is tokens ``[T]``, their positions ``[T]`` and sequences ``[T]``, and the
+rows that need logits. Every matrix is read once per batch for all its sequences.
 """
 
 from __future__ import annotations
 
-import mmap
 from dataclasses import dataclass
 
 import numpy as np
 
-from qwenlite.gguf.reader import GGUFFile
-from qwenlite.kernels.ops import attention, rms_norm, rope_neox, rope_tables, store_kv
+from qwenlite.backends.base import Backend
+from qwenlite.kernels.ops import rope_tables
 from qwenlite.model.config import ModelConfig
 from qwenlite.model.ffn import DenseFFN, MoEFFN
-from qwenlite.model.weights import Linear, vector
+from qwenlite.model.weights import Linear
+from qwenlite.runtime.loader import Loader
+
+# The architecture's tensor names (llama.cpp's), per model and per block ``{i}``.
+TENSORS = {
+    "embed": "token_embd",
+    "out_norm": "output_norm.weight",
+    "output": "output",
+    "attn_norm": "blk.{i}.attn_norm.weight",
+    "q": "blk.{i}.attn_q",
+    "k": "blk.{i}.attn_k",
+    "v": "blk.{i}.attn_v",
+    "o": "blk.{i}.attn_output",
+    "ffn_norm": "blk.{i}.ffn_norm.weight",
+    "gate": "blk.{i}.ffn_gate{sfx}",
+    "up": "blk.{i}.ffn_up{sfx}",
+    "down": "blk.{i}.ffn_down{sfx}",
+    "router": "blk.{i}.ffn_gate_inp",
+    "shared_gate": "blk.{i}.ffn_gate_inp_shexp.weight",
+}
 
 
 @dataclass
-class KVCache:
-    """Keys and values of every layer, ``[n_layer, n_kv, n_ctx, head_dim]`` float32."""
-
-    k: np.ndarray
-    v: np.ndarray
-
-    @classmethod
-    def empty(cls, cfg: ModelConfig, n_ctx: int) -> KVCache:
-        """Zeroed caches in anonymous mappings of 4 KiB pages, which become resident as positions
-        fill. (numpy's allocator asks for 2 MiB huge pages on large arrays: the first token of each
-        layer and head would make 2 MiB resident, 224 MB for the 1.5B model at 4096 positions.)"""
-        shape = (cfg.n_layer, cfg.n_head_kv, n_ctx, cfg.head_dim)
-        nbytes = int(np.prod(shape)) * 4
-        return cls(*(np.frombuffer(mmap.mmap(-1, nbytes), np.float32).reshape(shape) for _ in range(2)))
-
-
 class Block:
-    """One decoder block: attention with q/k/v bias, then the FFN."""
+    """One decoder block's weights: attention with q/k/v bias, then the FFN."""
 
-    def __init__(self, f: GGUFFile, i: int, cfg: ModelConfig, interleave_experts: bool = True) -> None:
-        p, d = f"blk.{i}", cfg.n_embd
-        q, kv = cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.head_dim
-        self.attn_norm = vector(f, f"{p}.attn_norm.weight", d)
-        self.wq = Linear.load(f, f"{p}.attn_q", d, q, bias=True)
-        self.wk = Linear.load(f, f"{p}.attn_k", d, kv, bias=True)
-        self.wv = Linear.load(f, f"{p}.attn_v", d, kv, bias=True)
-        self.wo = Linear.load(f, f"{p}.attn_output", q, d)
-        self.ffn_norm = vector(f, f"{p}.ffn_norm.weight", d)
-        sparse = cfg.n_expert > 0 and f"{p}.ffn_gate_inp.weight" in f.tensors
-        self.ffn = MoEFFN(f, p, cfg, interleave_experts) if sparse else DenseFFN(f, p, d, cfg.n_ff)
+    attn_norm: np.ndarray
+    wq: Linear
+    wk: Linear
+    wv: Linear
+    wo: Linear
+    ffn_norm: np.ndarray
+    ffn: DenseFFN | MoEFFN
+
+
+def _dense(ld: Loader, i: int, n_embd: int, n_ff: int, sfx: str = "") -> DenseFFN:
+    gate, up, down = (TENSORS[r].format(i=i, sfx=sfx) for r in ("gate", "up", "down"))
+    stacked = ld.stacked([gate, up], n_embd, n_ff)
+    ffn = DenseFFN(n_ff, ld.linear(down, n_ff, n_embd), gate_up=stacked)
+    if stacked is None:
+        ffn.gate, ffn.up = ld.linear(gate, n_embd, n_ff), ld.linear(up, n_embd, n_ff)
+    return ffn
+
+
+def _moe(ld: Loader, i: int, cfg: ModelConfig) -> MoEFFN:
+    d, e, ff = cfg.n_embd, cfg.n_expert, cfg.n_ff_expert
+    names = {r: TENSORS[r].format(i=i, sfx="_exps") for r in ("gate", "up", "down", "router")}
+    shared = None
+    if ld.has(TENSORS["up"].format(i=i, sfx="_shexp") + ".weight"):
+        shared = _dense(ld, i, d, cfg.n_ff_shared, "_shexp")
+    gate_name = TENSORS["shared_gate"].format(i=i)
+    shared_gate = Linear.from_rows(ld.vector(gate_name, d)[None]) if shared and ld.has(gate_name) else None
+    return MoEFFN(
+        k=cfg.n_expert_used,
+        normalize=cfg.expert_weights_norm,
+        router=ld.linear(names["router"], d, e),
+        gate=ld.linear(names["gate"], d, ff, e, experts=True),
+        up=ld.linear(names["up"], d, ff, e, experts=True),
+        down=ld.linear(names["down"], ff, d, e, experts=True),
+        shared=shared,
+        shared_gate=shared_gate,
+    )
+
+
+def load_block(ld: Loader, i: int, cfg: ModelConfig) -> Block:
+    d = cfg.n_embd
+    q, kv = cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.head_dim
+    name = {r: TENSORS[r].format(i=i) for r in ("attn_norm", "q", "k", "v", "o", "ffn_norm", "router")}
+    sparse = cfg.n_expert > 0 and ld.has(name["router"] + ".weight")
+    return Block(
+        attn_norm=ld.vector(name["attn_norm"], d),
+        wq=ld.linear(name["q"], d, q, bias=True),
+        wk=ld.linear(name["k"], d, kv, bias=True),
+        wv=ld.linear(name["v"], d, kv, bias=True),
+        wo=ld.linear(name["o"], q, d),
+        ffn_norm=ld.vector(name["ffn_norm"], d),
+        ffn=_moe(ld, i, cfg) if sparse else _dense(ld, i, d, cfg.n_ff),
+    )
 
 
 class Qwen2:
-    """Weights of a whole model and its forward pass over a KV cache.
+    """Weights of a whole model and its forward pass, running on ``backend`` over a ``KVCache``.
 
-    Matrices are interleaved at load time (``Linear.load``), except the embedding table when it is
-    only looked up, and the routed experts when ``interleave_experts`` is False: a Qwen2-MoE file
-    can be larger than RAM and then runs straight from the mapped file.
+    Matrices are interleaved at load time (the loader's policy), except the embedding table when it
+    is only looked up, and the routed experts when the policy keeps them in the mapped file (a
+    Qwen2-MoE file can be larger than RAM).
     """
 
-    def __init__(self, f: GGUFFile, cfg: ModelConfig, n_ctx: int, interleave_experts: bool = True) -> None:
+    def __init__(self, ld: Loader, cfg: ModelConfig, n_ctx: int, backend: Backend) -> None:
         self.cfg = cfg
-        tied = "output.weight" not in f.tensors
-        self.embed = Linear.load(f, "token_embd", cfg.n_embd, cfg.n_vocab, interleave=tied)
-        self.blocks = [Block(f, i, cfg, interleave_experts) for i in range(cfg.n_layer)]
-        self.out_norm = vector(f, "output_norm.weight", cfg.n_embd)
-        self.output = self.embed if tied else Linear.load(f, "output", cfg.n_embd, cfg.n_vocab)
+        self.backend = backend
+        tied = not ld.has(TENSORS["output"] + ".weight")
+        self.embed = ld.linear(TENSORS["embed"], cfg.n_embd, cfg.n_vocab, interleave=tied)
+        self.blocks = [load_block(ld, i, cfg) for i in range(cfg.n_layer)]
+        self.out_norm = ld.vector(TENSORS["out_norm"], cfg.n_embd)
+        self.output = self.embed if tied else ld.linear(TENSORS["output"], cfg.n_embd, cfg.n_vocab)
         self.cos, self.sin = rope_tables(n_ctx, cfg.head_dim, cfg.rope_base, cfg.rope_scaling, cfg.rope_factor,
                                          cfg.rope_orig_ctx)
 
-    def forward(self, ids: np.ndarray, cache: KVCache, pos0: int, all_logits: bool = False) -> np.ndarray:
-        """Logits ``[T, n_vocab]`` (or ``[1, n_vocab]`` for the last token) of ``ids`` at positions pos0.."""
-        cfg = self.cfg
-        x = self.embed.rows(ids)
+    def forward(self, ids: np.ndarray, pos: np.ndarray, seq: np.ndarray, rows: np.ndarray,
+                cache: object) -> np.ndarray:
+        """Logits ``[len(rows), n_vocab]`` of the tokens ``rows`` of the batch (ids, pos, seq: ``[T]``),
+        after storing every token's keys and values in ``cache``."""
+        cfg, be = self.cfg, self.backend
+        x = be.embed(self.embed, ids)
         for i, b in enumerate(self.blocks):
-            h = rms_norm(x, b.attn_norm, cfg.norm_eps)
-            q, k, v = b.wq(h), b.wk(h), b.wv(h)
-            rope_neox(q, cfg.n_head, pos0, self.cos, self.sin)
-            rope_neox(k, cfg.n_head_kv, pos0, self.cos, self.sin)
-            store_kv(cache.k[i], k, pos0)
-            store_kv(cache.v[i], v, pos0)
-            x += b.wo(attention(q, cache.k[i], cache.v[i], pos0, cfg.n_head))
-            x += b.ffn(rms_norm(x, b.ffn_norm, cfg.norm_eps))
-        if not all_logits:
-            x = x[-1:]
-        return self.output(rms_norm(np.ascontiguousarray(x), self.out_norm, cfg.norm_eps))
+            h = be.rms_norm(x, b.attn_norm, cfg.norm_eps)
+            q, k, v = be.linear(b.wq, h), be.linear(b.wk, h), be.linear(b.wv, h)
+            be.rope(q, cfg.n_head, pos, self.cos, self.sin)
+            be.rope(k, cfg.n_head_kv, pos, self.cos, self.sin)
+            cache.store(i, k, v, seq, pos)
+            x += be.linear(b.wo, cache.attend(i, q, seq, pos, cfg.n_head))
+            x += b.ffn(be, be.rms_norm(x, b.ffn_norm, cfg.norm_eps))
+        if rows.shape[0] != x.shape[0]:
+            x = np.ascontiguousarray(x[rows])
+        return be.linear(self.output, be.rms_norm(x, self.out_norm, cfg.norm_eps))

@@ -1,0 +1,127 @@
+"""The CPU backend: Numba kernels on the host (``kernels.matmul``, ``kernels.ops``, ``kernels.kv``).
+
+KV storage lives in anonymous mappings of 4 KiB pages, which become resident only as positions fill
+(numpy's allocator asks for 2 MiB huge pages on large arrays: the first token of each layer and head
+would make 2 MiB resident, 224 MB for the 1.5B model at 4096 positions), so reserving ``n_seq`` slots
+of a long context costs address space, not memory, until they are used.
+"""
+
+from __future__ import annotations
+
+import mmap
+from dataclasses import dataclass
+
+import numpy as np
+
+from qwenlite import quant
+from qwenlite.errors import QwenliteError
+from qwenlite.kernels import kv as kvk
+from qwenlite.kernels.matmul import matmul, matmul_experts
+from qwenlite.kernels.ops import rms_norm, rope_neox, swiglu
+from qwenlite.model.weights import Linear
+
+# Below this many multiply-adds of attention a thread pool wake-up costs more than it saves.
+PARALLEL_ATTENTION_WORK = 1 << 18
+
+
+def _zeros(shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    return np.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype, count=int(np.prod(shape))).reshape(shape)
+
+
+@dataclass
+class CPUKV:
+    """K and V of every layer: ``[n_layer, n_seq, n_kv, n_ctx, hd]`` (plus per-32 scales for q8_0)."""
+
+    kind: str
+    k: np.ndarray
+    v: np.ndarray
+    k_scale: np.ndarray | None = None
+    v_scale: np.ndarray | None = None
+
+    def arrays(self) -> list[np.ndarray]:
+        return [a for a in (self.k, self.v, self.k_scale, self.v_scale) if a is not None]
+
+
+def _softmax_rows(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+class CPUBackend:
+    """The ``Backend`` interface on the host CPU."""
+
+    name = "cpu"
+
+    def linear(self, w: Linear, x: np.ndarray) -> np.ndarray:
+        y = matmul(w.w, w.qtype, x, interleaved=w.interleaved)
+        if w.bias is not None:
+            y += w.bias
+        return y
+
+    def linear_experts(self, w: Linear, x: np.ndarray, starts: np.ndarray, experts: np.ndarray) -> np.ndarray:
+        return matmul_experts(w.w, w.qtype, x, starts, experts, interleaved=w.interleaved)
+
+    def embed(self, w: Linear, ids: np.ndarray) -> np.ndarray:
+        raw = quant.deinterleave_rows(w.w, w.qtype, ids) if w.interleaved else w.w[ids]
+        return quant.dequantize(raw, w.qtype, w.n_in)
+
+    def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+        return rms_norm(x, weight, eps)
+
+    def rope(self, x: np.ndarray, n_heads: int, pos: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
+        rope_neox(x, n_heads, pos, cos, sin)
+
+    def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        return swiglu(gate, up)
+
+    def moe_route(self, logits: np.ndarray, k: int, normalize: bool) -> tuple[np.ndarray, np.ndarray]:
+        # Row-wise numpy reductions: each token's routing depends on its own row only.
+        probs = _softmax_rows(logits)
+        top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        weights = np.take_along_axis(probs, top, axis=1)
+        if normalize:
+            weights = weights / weights.sum(axis=1, keepdims=True)
+        return top, weights.astype(np.float32)
+
+    def kv_alloc(self, kind: str, n_layer: int, n_seq: int, n_kv: int, n_ctx: int, head_dim: int) -> CPUKV:
+        shape = (n_layer, n_seq, n_kv, n_ctx, head_dim)
+        if kind == "f32":
+            return CPUKV(kind, _zeros(shape, np.float32), _zeros(shape, np.float32))
+        if kind == "f16":
+            return CPUKV(kind, _zeros(shape, np.uint16), _zeros(shape, np.uint16))
+        if kind == "q8_0":
+            sshape = (*shape[:-1], head_dim // 32)
+            return CPUKV(kind, _zeros(shape, np.int8), _zeros(shape, np.int8),
+                         _zeros(sshape, np.uint16), _zeros(sshape, np.uint16))
+        raise QwenliteError(f"the CPU backend has no KV cache type {kind!r}")
+
+    def kv_store(self, storage: CPUKV, layer: int, k: np.ndarray, v: np.ndarray, seq: np.ndarray,
+                 pos: np.ndarray) -> None:
+        if storage.kind == "f32":
+            kvk.store_f32(storage.k[layer], k, seq, pos)
+            kvk.store_f32(storage.v[layer], v, seq, pos)
+        elif storage.kind == "f16":
+            kvk.store_f16(storage.k[layer], k, seq, pos)
+            kvk.store_f16(storage.v[layer], v, seq, pos)
+        else:
+            kvk.store_q8_0(storage.k[layer], storage.k_scale[layer], k, seq, pos)
+            kvk.store_q8_0(storage.v[layer], storage.v_scale[layer], v, seq, pos)
+
+    def kv_attend(self, storage: CPUKV, layer: int, q: np.ndarray, seq: np.ndarray, pos: np.ndarray,
+                  n_heads: int) -> np.ndarray:
+        hd = storage.k.shape[-1]
+        out = np.zeros((q.shape[0], n_heads * hd), np.float32)
+        parallel = int(n_heads * hd * 2 * int(pos.sum() + pos.shape[0])) >= PARALLEL_ATTENTION_WORK
+        if storage.kind == "f32":
+            kvk.attend_f32(q, storage.k[layer], storage.v[layer], seq, pos, n_heads, parallel, out)
+        elif storage.kind == "f16":
+            kvk.attend_f16(q, storage.k[layer], storage.v[layer], seq, pos, n_heads, parallel, out)
+        else:
+            kvk.attend_q8_0(q, storage.k[layer], storage.k_scale[layer], storage.v[layer], storage.v_scale[layer],
+                            seq, pos, n_heads, parallel, out)
+        return out
+
+    def kv_copy(self, storage: CPUKV, src: int, dst: int, n: int) -> None:
+        for a in storage.arrays():
+            a[:, dst, :, :n] = a[:, src, :, :n]
