@@ -76,3 +76,44 @@ def bench(engine: Engine, n_prompt: int = 128, n_gen: int = 64, reps: int = 3,
         result[f"{kind}_samples"] = samples
     engine.reset()
     return result
+
+
+def bench_batch(runtime: Any, sizes: list[int], n_gen: int = 32, reps: int = 3, n_prompt: int = 16,
+                on_rep: Callable[[int, int, float], None] | None = None) -> list[dict[str, Any]]:
+    """Aggregate decode throughput of B sequences decoding together, for each B of ``sizes``.
+
+    Each repetition clears the cache, prefills B different ``n_prompt``-token prompts in one batch
+    (untimed), then times ``n_gen`` steps that each decode one token of every sequence in one forward
+    pass: ``B * n_gen / time`` tokens per second (llama-batched-bench's S_TG).
+    """
+    if not sizes or min(sizes) < 1 or n_gen < 1 or reps < 1 or n_prompt < 1:
+        raise QwenliteError("bench --batch needs sizes >= 1, -n >= 1, -r >= 1")
+    if max(sizes) > runtime.n_seq:
+        raise QwenliteError(f"batch of {max(sizes)} sequences but the model has {runtime.n_seq} slots")
+    if n_prompt + n_gen > runtime.n_ctx:
+        raise QwenliteError(f"bench sizes exceed the context of {runtime.n_ctx} tokens")
+    n_ordinary = min(runtime.n_vocab, 151643)
+    results = []
+    for B in sizes:
+        prompts = [_tokens(n_prompt, n_ordinary, 10 + s) for s in range(B)]
+        steps = [_tokens(B, n_ordinary, 100 + i) for i in range(n_gen)]
+
+        def run(B: int = B, prompts: list[list[int]] = prompts, steps: list[list[int]] = steps) -> float:
+            runtime.clear()
+            runtime.decode([t for p in prompts for t in p], [s for s in range(B) for _ in range(n_prompt)])
+            seqs = list(range(B))
+            t0 = time.perf_counter()
+            for toks in steps:
+                runtime.decode(toks, seqs)
+            return B * n_gen / (time.perf_counter() - t0)
+
+        run()  # warm-up
+        samples = []
+        for rep in range(reps):
+            samples.append(run())
+            if on_rep is not None:
+                on_rep(B, rep, samples[-1])
+        mean, std = _rate(samples)
+        results.append({"n_seq": B, "tg_tps": mean, "tg_std": std, "tg_samples": samples})
+    runtime.clear()
+    return results

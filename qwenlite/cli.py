@@ -18,26 +18,39 @@ from pathlib import Path
 from typing import Any
 
 from qwenlite import hub
-from qwenlite.chat.generate import generate
 from qwenlite.chat.sampler import Sampler, SamplerConfig
 from qwenlite.errors import GGUFError, QwenliteError
 
 
-def _load(args: argparse.Namespace) -> Any:
+def _load(args: argparse.Namespace, **extra: Any) -> Any:
     if args.threads is not None and args.threads < 1:
         raise QwenliteError(f"-t/--threads must be >= 1, got {args.threads}")
     if args.ctx_size is not None and args.ctx_size < 1:
         raise QwenliteError(f"-c/--ctx-size must be >= 1, got {args.ctx_size}")
+    kv = _kv_type(args)
     path = hub.resolve_model(args.model)
     from qwenlite.api import load  # imported lazily: `pull` and `--help` should not compile kernels
 
-    return load(path, n_threads=args.threads, n_ctx=args.ctx_size)
+    return load(path, n_threads=args.threads, n_ctx=args.ctx_size, kv_type=kv, **extra)
+
+
+def _kv_type(args: argparse.Namespace) -> str | None:
+    """The KV cache type from --kv-type or llama.cpp's -ctk/-ctv (one type serves K and V)."""
+    given = {name: getattr(args, name) for name in ("kv_type", "cache_type_k", "cache_type_v")
+             if getattr(args, name, None) is not None}
+    if len({v.lower() for v in given.values()}) > 1:
+        raise QwenliteError("qwenlite keeps K and V in one type: give the same --kv-type / -ctk / -ctv, got "
+                            + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in given.items()))
+    return next(iter(given.values()), None)
+
+
+def _sampling(args: argparse.Namespace) -> SamplerConfig:
+    return SamplerConfig(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                         repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n, seed=args.seed)
 
 
 def _sampler(args: argparse.Namespace) -> Sampler:
-    return Sampler(SamplerConfig(temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
-                                 min_p=args.min_p, repeat_penalty=args.repeat_penalty,
-                                 repeat_last_n=args.repeat_last_n, seed=args.seed))
+    return Sampler(_sampling(args))
 
 
 def _emit(pieces: Iterable[str]) -> None:
@@ -68,11 +81,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     ``-p`` does), so a hand-written ChatML prompt works; use ``chat`` for untrusted user text."""
     prompt = _read_prompt(args)
     model = _load(args)
-    ids = model.tokenizer.encode(prompt, special=True)
-    model.engine.reset()
+    ids = model.tokenize(prompt, special=True)
     t0 = time.perf_counter()
-    gen = generate(model.engine, model.tokenizer, ids, args.n_predict, _sampler(args),
-                   stop_strings=args.stop)
+    gen = model.generate(ids, args.n_predict, stream=True, stop=args.stop, sampling=_sampling(args))
     _emit(gen)
     if sys.stdout.isatty():
         sys.stdout.write("\n")
@@ -199,12 +210,8 @@ def cmd_warmup(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model = _load(args)
     loaded = time.perf_counter()
-    engine = model.engine
-    engine.reset()
-    engine.eval(list(range(1000, 1006)))  # prefill: 4-token tiles and a remainder
-    for i in range(2):
-        engine.eval([1000 + i])  # decode
-    engine.reset()
+    model.generate(list(range(1000, 1006)), max_tokens=3)  # prefill: 4-token tiles and a remainder; decode
+    model.generate_batch([[1000, 1001], [1002]], max_tokens=2)  # batched decode
     done = time.perf_counter()
     print(f"warm: load {loaded - start:.1f} s, kernels {done - loaded:.1f} s", file=sys.stderr)
     return 0
@@ -215,18 +222,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     path = hub.resolve_model(args.model)
     args.model = str(path)
-    model = _load(args)
+    batch = _batch_sizes(args.batch)
+    model = _load(args, n_seq=max(batch, default=1))
 
     def report(kind: str, rep: int, tps: float) -> None:
         if not args.json:
             print(f"{kind}{args.n_prompt if kind == 'pp' else args.n_gen} rep {rep + 1}: {tps:.2f} tok/s",
                   file=sys.stderr)
 
-    res = bench(model.engine, args.n_prompt, args.n_gen, args.reps, on_rep=report)
+    batch = _batch_sizes(args.batch)
+    res = bench(model.engine, args.n_prompt, args.n_gen, args.reps, on_rep=report) if not batch else {}
+    if batch:
+        from qwenlite.bench import bench_batch
+
+        def report_batch(n_seq: int, rep: int, tps: float) -> None:
+            if not args.json:
+                print(f"batch {n_seq} tg{args.n_gen} rep {rep + 1}: {tps:.2f} tok/s", file=sys.stderr)
+
+        res["batch"] = bench_batch(model.runtime, batch, args.n_gen, args.reps, on_rep=report_batch)
     import numba
 
     result = {"model": path.name, "path": str(path), "size_bytes": path.stat().st_size,
-              "n_threads": args.threads or numba.get_num_threads(), **res}
+              "n_threads": args.threads or numba.get_num_threads(), "kv_type": model.kv_type, **res}
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -234,7 +251,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
             if f"{kind}_tps" in result:
                 print(f"{path.name}  {kind}{n}  {result[f'{kind}_tps']:8.2f} ± {result[f'{kind}_std']:.2f} tok/s"
                       f"  (t={result['n_threads']}, r={args.reps})")
+        for row in result.get("batch", []):
+            print(f"{path.name}  batch {row['n_seq']}  tg{args.n_gen}  {row['tg_tps']:8.2f} ± {row['tg_std']:.2f} "
+                  f"tok/s aggregate  (t={result['n_threads']}, r={args.reps})")
     return 0
+
+
+def _batch_sizes(text: str | None) -> list[int]:
+    if text is None:
+        return []
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise QwenliteError(f"--batch takes sequence counts like 1,2,4,8, got {text!r}") from None
+    if not sizes or min(sizes) < 1 or max(sizes) > 256:
+        raise QwenliteError(f"--batch sizes must be 1..256, got {text!r}")
+    return sizes
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -260,7 +292,11 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                    help="GGUF file or known model name (default: the manifest's default, pulled on first use)")
     p.add_argument("-t", "--threads", type=int, default=None, help="worker threads (default: all cores)")
     p.add_argument("-c", "--ctx-size", type=int, default=None,
-                   help="context size in tokens (default: the loader's, at most the trained context)")
+                   help="context size in tokens per sequence (default: the loader's, at most the trained context)")
+    p.add_argument("--kv-type", default=None, metavar="T",
+                   help="KV cache type: f16 (default), f32, q8_0; -ctk/-ctv (llama.cpp's spelling) too")
+    p.add_argument("-ctk", "--cache-type-k", default=None, help=argparse.SUPPRESS)
+    p.add_argument("-ctv", "--cache-type-v", default=None, help=argparse.SUPPRESS)
 
 
 def _add_sampling(p: argparse.ArgumentParser, n_default: int, temp_default: float) -> None:
@@ -313,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--n-gen", type=int, default=64, help="generated tokens (tg test)")
     p.add_argument("-r", "--reps", type=int, default=3, help="repetitions")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--batch", default=None, metavar="B,B,...",
+                   help="aggregate decode tok/s of B sequences decoding together, e.g. 1,2,4,8 (key 'batch')")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("convert", help="Hugging Face checkpoint directory -> GGUF")

@@ -257,3 +257,21 @@ def test_warmup_reports_and_leaves_stdout_empty(tmp_path: Path, real_model_path:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == ""
     assert re.search(r"warm: load \d+\.\d s, kernels \d+\.\d s", proc.stderr)
+
+
+@needs_loader
+def test_bench_batch_json_and_kv_type_flags(tmp_path: Path, real_model_path: Path) -> None:
+    proc = cli_run("bench", "-m", str(real_model_path), "-n", "3", "-r", "1", "--batch", "1,2", "-t", "2",
+                   "-ctk", "q8_0", "-ctv", "q8_0", "--json", home=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout)
+    assert res["kv_type"] == "q8_0"
+    assert [row["n_seq"] for row in res["batch"]] == [1, 2]
+    assert all(row["tg_tps"] > 0 and len(row["tg_samples"]) == 1 for row in res["batch"])
+    for flags, message in ((["-ctk", "q8_0", "-ctv", "f16"], "one type"), (["--kv-type", "q4_0"], "unknown KV cache"),
+                           (["--batch", "2,x"], "--batch takes")):
+        proc = cli_run("bench", "-m", str(real_model_path), "-n", "2", "-r", "1", *flags, home=tmp_path)
+        assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr
+    proc = cli_run("run", "-m", str(real_model_path), "-p", "def f(x):", "-n", "8", "--temp", "0", "--kv-type", "f32",
+                   home=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr
