@@ -1,7 +1,9 @@
 """Convert a Hugging Face Qwen2 / Qwen2-MoE checkpoint directory into a GGUF file.
 
 Metadata follows llama.cpp's ``convert_hf_to_gguf.py`` for the ``qwen2`` / ``qwen2moe``
-architectures, so llama.cpp loads the files qwenlite writes. Two keys go beyond it, because
+architectures, so llama.cpp loads the files qwenlite writes. The hyperparameters are the runtime's
+own ``ModelConfig`` (``from_hf_config`` here, ``from_gguf`` when the file is loaded), and every key
+and tensor name comes from ``qwenlite.gguf.names``. Two keys go beyond it, because
 llama.cpp's qwen2moe support falls short there (field notes §4):
 
 * ``qwen2moe.expert_weights_norm`` (bool, from ``norm_topk_prob``): renormalize the top-k routing
@@ -21,84 +23,98 @@ memory-mapped safetensors and written in chunks (``qwenlite.converters.pipeline`
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
-from qwenlite.converters.hf_config import ModelConfig, load_config
 from qwenlite.converters.hf_tokenizer import HFTokenizer, load_hf_tokenizer
 from qwenlite.converters.mixes import FILE_TYPES, FileType, file_type
 from qwenlite.converters.pipeline import SourceTensor, resolve_types, write_model
 from qwenlite.converters.safetensors_io import Checkpoint
 from qwenlite.converters.tensor_names import SourceRef, check_sources, ignored_hf_tensors, llama_cpp_order, tensor_specs
 from qwenlite.errors import QwenliteError
+from qwenlite.gguf import names as gn
 from qwenlite.gguf.constants import GGMLType, GGUFValueType
 from qwenlite.gguf.writer import GGUFWriter
+from qwenlite.model.config import ModelConfig
 
 QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION
-_SPECIAL_KEYS = {
-    "bos": "tokenizer.ggml.bos_token_id",
-    "eos": "tokenizer.ggml.eos_token_id",
-    "unk": "tokenizer.ggml.unknown_token_id",
-    "sep": "tokenizer.ggml.seperator_token_id",  # sic: llama.cpp's spelling
-    "pad": "tokenizer.ggml.padding_token_id",
-}
+
+
+def load_config(model_dir: str | os.PathLike[str]) -> tuple[ModelConfig, dict[str, Any]]:
+    """Read ``config.json`` of an HF model directory: the hyperparameters and the raw dict."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise QwenliteError(f"{model_dir}: no config.json (is this a Hugging Face model directory?)")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise QwenliteError(f"cannot read {path}: {e}") from None
+    if not isinstance(raw, dict):
+        raise QwenliteError(f"{path}: expected a JSON object")
+    return ModelConfig.from_hf_config(raw), raw
 
 
 def model_metadata(w: GGUFWriter, cfg: ModelConfig, name: str, ftype: FileType) -> None:
-    """``general.*`` and ``<arch>.*`` keys, in llama.cpp's order."""
+    """``general.*`` and ``<arch>.*`` keys, in llama.cpp's order; ``ModelConfig.from_gguf`` reads them back."""
     a = cfg.arch
-    w.add_string("general.architecture", a)
-    w.add_string("general.type", "model")
-    w.add_string("general.name", name)
-    w.add_uint32(f"{a}.block_count", cfg.n_layer)
-    w.add_uint32(f"{a}.context_length", cfg.n_ctx)
-    w.add_uint32(f"{a}.embedding_length", cfg.n_embd)
-    w.add_uint32(f"{a}.feed_forward_length", cfg.n_ff)
-    w.add_uint32(f"{a}.attention.head_count", cfg.n_head)
-    w.add_uint32(f"{a}.attention.head_count_kv", cfg.n_head_kv)
-    if cfg.rope_scaling is not None:
-        w.add_string(f"{a}.rope.scaling.type", cfg.rope_scaling.kind)
-        w.add_float32(f"{a}.rope.scaling.factor", cfg.rope_scaling.factor)
-        if cfg.rope_scaling.original_context_length is not None:
-            w.add_uint32(f"{a}.rope.scaling.original_context_length", cfg.rope_scaling.original_context_length)
-    w.add_float32(f"{a}.rope.freq_base", cfg.rope_theta)
-    w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", cfg.rms_eps)
+
+    def key(template: str) -> str:
+        return gn.arch_key(template, a)
+
+    w.add_string(gn.ARCHITECTURE, a)
+    w.add_string(gn.TYPE, "model")
+    w.add_string(gn.NAME, name)
+    w.add_uint32(key(gn.BLOCK_COUNT), cfg.n_layer)
+    w.add_uint32(key(gn.CONTEXT_LENGTH), cfg.n_ctx_train)
+    w.add_uint32(key(gn.EMBEDDING_LENGTH), cfg.n_embd)
+    w.add_uint32(key(gn.FEED_FORWARD_LENGTH), cfg.n_ff)
+    w.add_uint32(key(gn.HEAD_COUNT), cfg.n_head)
+    w.add_uint32(key(gn.HEAD_COUNT_KV), cfg.n_head_kv)
+    if cfg.rope_scaling != "none":
+        w.add_string(key(gn.ROPE_SCALING_TYPE), cfg.rope_scaling)
+        w.add_float32(key(gn.ROPE_SCALING_FACTOR), cfg.rope_factor)
+        if cfg.rope_orig_ctx:
+            w.add_uint32(key(gn.ROPE_SCALING_ORIG_CTX), cfg.rope_orig_ctx)
+    w.add_float32(key(gn.ROPE_FREQ_BASE), cfg.rope_base)
+    w.add_float32(key(gn.RMS_EPS), cfg.norm_eps)
     if a == "qwen2moe":
-        w.add_uint32(f"{a}.expert_count", cfg.n_expert)
-        w.add_uint32(f"{a}.expert_used_count", cfg.n_expert_used)
+        w.add_uint32(key(gn.EXPERT_COUNT), cfg.n_expert)
+        w.add_uint32(key(gn.EXPERT_USED_COUNT), cfg.n_expert_used)
     if cfg.head_dim_explicit:
-        w.add_uint32(f"{a}.attention.key_length", cfg.head_dim)
-        w.add_uint32(f"{a}.attention.value_length", cfg.head_dim)
-    w.add_uint32("general.file_type", int(ftype.file_type))
+        w.add_uint32(key(gn.KEY_LENGTH), cfg.head_dim)
+        w.add_uint32(key(gn.VALUE_LENGTH), cfg.head_dim)
+    w.add_uint32(gn.FILE_TYPE, int(ftype.file_type))
     if a == "qwen2moe":
-        w.add_uint32(f"{a}.expert_feed_forward_length", cfg.n_ff_exp)
-        w.add_uint32(f"{a}.expert_shared_feed_forward_length", cfg.n_ff_shexp)
-        w.add_bool(f"{a}.expert_weights_norm", cfg.norm_topk_prob)
+        w.add_uint32(key(gn.EXPERT_FEED_FORWARD_LENGTH), cfg.n_ff_expert)
+        w.add_uint32(key(gn.EXPERT_SHARED_FEED_FORWARD_LENGTH), cfg.n_ff_shared)
+        w.add_bool(key(gn.EXPERT_WEIGHTS_NORM), cfg.expert_weights_norm)
         if cfg.dense_layers:
-            w.add_array(f"{a}.dense_layers", list(cfg.dense_layers), GGUFValueType.UINT32)
-    w.add_uint32("general.quantization_version", QUANTIZATION_VERSION)
+            w.add_array(key(gn.DENSE_LAYERS), list(cfg.dense_layers), GGUFValueType.UINT32)
+    w.add_uint32(gn.QUANTIZATION_VERSION, QUANTIZATION_VERSION)
 
 
 def tokenizer_metadata(w: GGUFWriter, tok: HFTokenizer) -> None:
     """``tokenizer.*`` keys for a gpt2-style (byte-level BPE) vocab with Qwen2 pre-tokenization."""
-    w.add_string("tokenizer.ggml.model", "gpt2")
-    w.add_string("tokenizer.ggml.pre", "qwen2")
-    w.add_array("tokenizer.ggml.tokens", tok.tokens, GGUFValueType.STRING)
-    w.add_array("tokenizer.ggml.token_type", tok.token_types, GGUFValueType.INT32)
-    w.add_array("tokenizer.ggml.merges", tok.merges, GGUFValueType.STRING)
-    for kind, key in _SPECIAL_KEYS.items():
+    w.add_string(gn.TOKENIZER_MODEL, "gpt2")
+    w.add_string(gn.TOKENIZER_PRE, "qwen2")
+    w.add_array(gn.TOKENS, tok.tokens, GGUFValueType.STRING)
+    w.add_array(gn.TOKEN_TYPE, tok.token_types, GGUFValueType.INT32)
+    w.add_array(gn.MERGES, tok.merges, GGUFValueType.STRING)
+    for kind, key in gn.SPECIAL_TOKEN_IDS.items():
         if kind in tok.special_ids:
             w.add_uint32(key, tok.special_ids[kind])
-    w.add_bool("tokenizer.ggml.add_bos_token", tok.add_bos)
+    w.add_bool(gn.ADD_BOS, tok.add_bos)
     if tok.add_eos is not None:
-        w.add_bool("tokenizer.ggml.add_eos_token", tok.add_eos)
+        w.add_bool(gn.ADD_EOS, tok.add_eos)
     for name, template in tok.named_chat_templates.items():
-        w.add_string(f"tokenizer.chat_template.{name}", template)
+        w.add_string(gn.chat_template_key(name), template)
     if tok.named_chat_templates:
-        w.add_array("tokenizer.chat_templates", list(tok.named_chat_templates), GGUFValueType.STRING)
+        w.add_array(gn.CHAT_TEMPLATE_NAMES, list(tok.named_chat_templates), GGUFValueType.STRING)
     if tok.chat_template is not None:
-        w.add_string("tokenizer.chat_template", tok.chat_template)
+        w.add_string(gn.CHAT_TEMPLATE, tok.chat_template)
 
 
 def _refuse_overwriting_input(out: Path, model_dir: Path) -> None:

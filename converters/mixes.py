@@ -27,13 +27,13 @@ converter does, and never fall back.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from gguf.constants import GGML_QUANT_SIZES
 
 from qwenlite.errors import QwenliteError
+from qwenlite.gguf import names as gn
 from qwenlite.gguf.constants import GGMLType, LlamaFileType
 
 
@@ -67,7 +67,17 @@ FILE_TYPES: dict[str, FileType] = {
 }
 
 _FALLBACK = {GGMLType.Q4_K: GGMLType.Q5_0, GGMLType.Q5_K: GGMLType.Q5_1, GGMLType.Q6_K: GGMLType.Q8_0}
-_LAYER = re.compile(r"blk\.(\d+)\.")
+_OUTPUT, _TOKEN_EMBD = gn.weight(gn.OUTPUT), gn.weight(gn.TOKEN_EMBD)
+_ROUTER = gn.leaf(gn.FFN_GATE_INP) + ".weight"
+# llama.cpp's tensor categories, named by the layer-tensor they stand for
+_ATTN_V, _ATTN_K, _ATTN_Q, _ATTN_OUT = (gn.leaf(t) for t in (gn.ATTN_V, gn.ATTN_K, gn.ATTN_Q, gn.ATTN_OUT))
+_FFN_GATE, _FFN_UP, _FFN_DOWN = (gn.leaf(t) for t in gn.FFN_DENSE)
+# (category, substring): the attention ones match the weight only, the ffn ones every variant
+# (dense, _exps, _shexp)
+_CATEGORIES = (
+    *((cat, cat + ".weight") for cat in (_ATTN_V, _ATTN_K, _ATTN_Q, _ATTN_OUT)),
+    *((cat, cat) for cat in (_FFN_UP, _FFN_GATE, _FFN_DOWN)),
+)
 
 
 def file_type(name: str) -> FileType:
@@ -98,7 +108,7 @@ def allows_quantization(name: str, shape: Sequence[int]) -> bool:
         ggml_n_dims(shape) >= 2
         and name.endswith("weight")
         and "_norm.weight" not in name
-        and "ffn_gate_inp.weight" not in name
+        and _ROUTER not in name
     )
 
 
@@ -109,14 +119,13 @@ def use_more_bits(i_layer: int, n_layers: int) -> bool:
 
 def _category(name: str) -> str:
     """llama.cpp's ``tensor_get_category``: first substring match wins, in this order."""
-    if name == "output.weight":
-        return "output"
-    if name == "token_embd.weight":
-        return "token_embd"
-    for key in ("attn_v.weight", "attn_k.weight", "attn_q.weight", "attn_output.weight", "ffn_up", "ffn_gate",
-                "ffn_down"):  # fmt: skip
+    if name == _OUTPUT:
+        return gn.OUTPUT
+    if name == _TOKEN_EMBD:
+        return gn.TOKEN_EMBD
+    for cat, key in _CATEGORIES:
         if key in name:
-            return key.removesuffix(".weight")
+            return cat
     return "other"
 
 
@@ -134,8 +143,8 @@ def _layer_rank(names: Sequence[str]) -> list[int]:
     """Position of each tensor when sorted by layer number (then name), as llama-quantize walks them."""
 
     def key(i: int) -> tuple[int, str]:
-        m = _LAYER.match(names[i])
-        return (int(m.group(1)) if m else -1, names[i])
+        bid = gn.block_id(names[i])
+        return (-1 if bid is None else bid, names[i])
 
     rank = [0] * len(names)
     for r, i in enumerate(sorted(range(len(names)), key=key)):
@@ -166,12 +175,12 @@ def choose_types(
     ft = ftype if isinstance(ftype, FileType) else file_type(ftype)
     base = ft.base
     names = [name for name, _ in tensors]
-    tied = "output.weight" not in names
-    n_attn_v = sum(1 for n in names if _category(n) == "attn_v")
+    tied = _OUTPUT not in names
+    n_attn_v = sum(1 for n in names if _category(n) == _ATTN_V)
     k_mix = ft.name in ("q4_k_m", "q5_k_m")
     walk = _layer_rank(names) if counter_order == "layer" else list(range(len(names)))
     counters = {}
-    for cat in ("attn_v", "ffn_down"):
+    for cat in (_ATTN_V, _FFN_DOWN):
         seen = sorted((walk[i], i) for i, n in enumerate(names) if _category(n) == cat)
         counters.update({i: c for c, (_, i) in enumerate(seen)})
 
@@ -186,29 +195,29 @@ def choose_types(
         ncols = int(shape[-1])
         cat = _category(name)
         qtype = base
-        if cat == "output" or (tied and cat == "token_embd"):
+        if cat == gn.OUTPUT or (tied and cat == gn.TOKEN_EMBD):
             if ncols % block_size(base) != 0:
                 qtype = GGMLType.Q8_0
             elif base != GGMLType.Q8_0:
                 qtype = GGMLType.Q6_K
-        elif cat == "attn_v":
+        elif cat == _ATTN_V:
             if k_mix and use_more_bits(counters[index], n_attn_v):
                 qtype = GGMLType.Q6_K
             if n_expert == 8:
                 qtype = GGMLType.Q8_0
-        elif cat == "attn_k":
+        elif cat == _ATTN_K:
             if n_expert == 8:
                 qtype = GGMLType.Q8_0
-        elif cat == "ffn_down":
+        elif cat == _FFN_DOWN:
             i_layer = counters[index]
             if max(1, n_expert) > 1:
-                m = _LAYER.match(name)
-                if m is None or int(m.group(1)) >= n_layer:
+                bid = gn.block_id(name)
+                if bid is None or bid >= n_layer:
                     raise QwenliteError(f"cannot tell the layer of tensor {name!r}")
-                i_layer = int(m.group(1))
+                i_layer = bid
             if k_mix and use_more_bits(i_layer, n_layer):
                 qtype = GGMLType.Q6_K
-        elif cat == "attn_output" and n_expert == 8 and ft.name == "q4_k_m":
+        elif cat == _ATTN_OUT and n_expert == 8 and ft.name == "q4_k_m":
             qtype = GGMLType.Q5_K
         out.append(_fallback(qtype, ncols))
     return out

@@ -19,12 +19,13 @@ from qwenlite.converters.mapped import MappedFile
 from qwenlite.converters.mixes import FILE_TYPES, file_type
 from qwenlite.converters.pipeline import SourceTensor, write_model
 from qwenlite.errors import QwenliteError
+from qwenlite.gguf import names as gn
 from qwenlite.gguf.constants import GGMLType
 from qwenlite.gguf.reader import GGUFFile, TensorInfo
 from qwenlite.gguf.writer import GGUFWriter
 
 _FLOAT_VIEWS = {GGMLType.F32: ("<f4", "F32"), GGMLType.F16: ("<f2", "F16"), GGMLType.BF16: ("<u2", "BF16")}
-_SKIP_KEYS = {"general.file_type", "general.alignment"}
+_SKIP_KEYS = {gn.FILE_TYPE, gn.ALIGNMENT}
 
 
 
@@ -33,13 +34,13 @@ def _copy_metadata(src: GGUFFile, w: GGUFWriter, new_file_type: int) -> None:
     """Copy every key with its original GGUF type; ``general.file_type`` becomes the new type."""
     types = src.metadata_types
     for key, value in src.metadata.items():
-        if key == "general.file_type":
+        if key == gn.FILE_TYPE:
             w.add_uint32(key, new_file_type)
         elif key not in _SKIP_KEYS:
             vtype, elem = types[key]
             w.add(key, value, vtype, elem)
-    if "general.file_type" not in src.metadata:
-        w.add_uint32("general.file_type", new_file_type)
+    if gn.FILE_TYPE not in src.metadata:
+        w.add_uint32(gn.FILE_TYPE, new_file_type)
 
 
 def _source(src_path: Path, t: TensorInfo, data_map: MappedFile) -> SourceTensor:
@@ -63,8 +64,8 @@ def requantize(
         raise QwenliteError(f"refusing to overwrite the input file {out}")
     with GGUFFile(src_path) as src:
         arch = src.architecture
-        n_layer = int(src.require(f"{arch}.block_count", int))
-        n_expert = int(src.get(f"{arch}.expert_count", 0) or 0)
+        n_layer = int(src.require(gn.arch_key(gn.BLOCK_COUNT, arch), int))
+        n_expert = int(src.get(gn.arch_key(gn.EXPERT_COUNT, arch), 0) or 0)
         data_map = MappedFile(src_path)  # our own mapping, so consumed pages can be released
         try:
             tensors = [_source(src_path, t, data_map) for t in src]

@@ -23,6 +23,7 @@ from qwenlite import quant
 from qwenlite.converters.mixes import choose_types, file_type
 from qwenlite.converters.progress import Progress
 from qwenlite.errors import QwenliteError
+from qwenlite.gguf import names as gn
 from qwenlite.gguf.constants import GGMLType, GGUFValueType
 from qwenlite.gguf.reader import GGUFFile
 from qwenlite.gguf.writer import GGUFWriter
@@ -64,29 +65,35 @@ _SCALE_FIELDS: dict[GGMLType, tuple[tuple[int, float], ...]] = {
 def tensor_shapes(s: MoEShape) -> list[tuple[str, tuple[int, ...]]]:
     """Every tensor of the model in llama.cpp's order, numpy shapes."""
     d, kv = s.n_embd, s.n_head_kv * (s.n_embd // s.n_head)
-    out: list[tuple[str, tuple[int, ...]]] = [("token_embd.weight", (s.n_vocab, d))]
+    w, b = gn.weight, gn.bias
+    out: list[tuple[str, tuple[int, ...]]] = [(w(gn.TOKEN_EMBD), (s.n_vocab, d))]
     for i in range(s.n_layer):
-        p = f"blk.{i}"
         out += [
-            (f"{p}.attn_norm.weight", (d,)),
-            (f"{p}.attn_q.weight", (d, d)),
-            (f"{p}.attn_q.bias", (d,)),
-            (f"{p}.attn_k.weight", (kv, d)),
-            (f"{p}.attn_k.bias", (kv,)),
-            (f"{p}.attn_v.weight", (kv, d)),
-            (f"{p}.attn_v.bias", (kv,)),
-            (f"{p}.attn_output.weight", (d, d)),
-            (f"{p}.ffn_norm.weight", (d,)),
-            (f"{p}.ffn_gate_inp.weight", (s.n_expert, d)),
-            (f"{p}.ffn_gate_exps.weight", (s.n_expert, s.n_ff_expert, d)),
-            (f"{p}.ffn_up_exps.weight", (s.n_expert, s.n_ff_expert, d)),
-            (f"{p}.ffn_down_exps.weight", (s.n_expert, d, s.n_ff_expert)),
-            (f"{p}.ffn_gate_inp_shexp.weight", (1, d)),  # as HF's shared_expert_gate [1, d], like the converter
-            (f"{p}.ffn_gate_shexp.weight", (s.n_ff_shared, d)),
-            (f"{p}.ffn_up_shexp.weight", (s.n_ff_shared, d)),
-            (f"{p}.ffn_down_shexp.weight", (d, s.n_ff_shared)),
+            (w(gn.ATTN_NORM, i), (d,)),
+            (w(gn.ATTN_Q, i), (d, d)),
+            (b(gn.ATTN_Q, i), (d,)),
+            (w(gn.ATTN_K, i), (kv, d)),
+            (b(gn.ATTN_K, i), (kv,)),
+            (w(gn.ATTN_V, i), (kv, d)),
+            (b(gn.ATTN_V, i), (kv,)),
+            (w(gn.ATTN_OUT, i), (d, d)),
+            (w(gn.FFN_NORM, i), (d,)),
+            (w(gn.FFN_GATE_INP, i), (s.n_expert, d)),
+            (w(gn.FFN_GATE_EXPS, i), (s.n_expert, s.n_ff_expert, d)),
+            (w(gn.FFN_UP_EXPS, i), (s.n_expert, s.n_ff_expert, d)),
+            (w(gn.FFN_DOWN_EXPS, i), (s.n_expert, d, s.n_ff_expert)),
+            (w(gn.FFN_GATE_INP_SHEXP, i), (1, d)),  # as HF's shared_expert_gate [1, d], like the converter
+            (w(gn.FFN_GATE_SHEXP, i), (s.n_ff_shared, d)),
+            (w(gn.FFN_UP_SHEXP, i), (s.n_ff_shared, d)),
+            (w(gn.FFN_DOWN_SHEXP, i), (d, s.n_ff_shared)),
         ]
-    return out + [("output_norm.weight", (d,)), ("output.weight", (s.n_vocab, d))]
+    return out + [(w(gn.OUTPUT_NORM), (d,)), (w(gn.OUTPUT), (s.n_vocab, d))]
+
+
+# Projections that write into the residual stream (see weight_std), as name endings.
+_RESIDUAL_WRITERS = tuple(
+    gn.leaf(t) + ".weight" for t in (gn.ATTN_OUT, gn.FFN_DOWN, gn.FFN_DOWN_EXPS, gn.FFN_DOWN_SHEXP)
+)
 
 
 def weight_std(name: str, n_layer: int) -> float:
@@ -98,9 +105,9 @@ def weight_std(name: str, n_layer: int) -> float:
     the embedding is larger and the projections that write into the residual stream are scaled down
     by sqrt(2 n_layer) (GPT-2's init): each token's own embedding keeps steering its routing.
     """
-    if name == "token_embd.weight":
+    if name == gn.weight(gn.TOKEN_EMBD):
         return 0.1
-    if name.endswith(("attn_output.weight", "ffn_down.weight", "ffn_down_exps.weight", "ffn_down_shexp.weight")):
+    if name.endswith(_RESIDUAL_WRITERS):
         return 0.02 / float(np.sqrt(2 * n_layer))
     return 0.02
 
@@ -151,33 +158,33 @@ def write_synthetic(
     rng = np.random.default_rng(seed)
     a = "qwen2moe"
     with GGUFFile(vocab_from) as src, GGUFWriter(out) as w:
-        tokens = src.get("tokenizer.ggml.tokens")
+        tokens = src.get(gn.TOKENS)
         if not tokens:
             raise QwenliteError(f"{vocab_from} has no tokenizer to copy")
         s = replace(s, n_vocab=len(tokens))  # the embedding rows follow the vocabulary actually copied
         tensors = tensor_shapes(s)
         types = [t or GGMLType.F32 for t in choose_types(tensors, ft, s.n_layer, s.n_expert)]
-        w.add_string("general.architecture", a)
-        w.add_string("general.name", f"synthetic {shape_name} (random weights)")
+        w.add_string(gn.ARCHITECTURE, a)
+        w.add_string(gn.NAME, f"synthetic {shape_name} (random weights)")
         for key, value in {
-            "block_count": s.n_layer,
-            "context_length": s.n_ctx,
-            "embedding_length": s.n_embd,
-            "feed_forward_length": s.n_ff,
-            "attention.head_count": s.n_head,
-            "attention.head_count_kv": s.n_head_kv,
-            "expert_count": s.n_expert,
-            "expert_used_count": s.n_expert_used,
-            "expert_feed_forward_length": s.n_ff_expert,
-            "expert_shared_feed_forward_length": s.n_ff_shared,
+            gn.BLOCK_COUNT: s.n_layer,
+            gn.CONTEXT_LENGTH: s.n_ctx,
+            gn.EMBEDDING_LENGTH: s.n_embd,
+            gn.FEED_FORWARD_LENGTH: s.n_ff,
+            gn.HEAD_COUNT: s.n_head,
+            gn.HEAD_COUNT_KV: s.n_head_kv,
+            gn.EXPERT_COUNT: s.n_expert,
+            gn.EXPERT_USED_COUNT: s.n_expert_used,
+            gn.EXPERT_FEED_FORWARD_LENGTH: s.n_ff_expert,
+            gn.EXPERT_SHARED_FEED_FORWARD_LENGTH: s.n_ff_shared,
         }.items():
-            w.add_uint32(f"{a}.{key}", value)
-        w.add_float32(f"{a}.rope.freq_base", 1e6)
-        w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)
-        w.add_uint32("general.file_type", int(ft.file_type))
-        w.add_uint32("general.quantization_version", 2)
+            w.add_uint32(gn.arch_key(key, a), value)
+        w.add_float32(gn.arch_key(gn.ROPE_FREQ_BASE, a), 1e6)
+        w.add_float32(gn.arch_key(gn.RMS_EPS, a), 1e-6)
+        w.add_uint32(gn.FILE_TYPE, int(ft.file_type))
+        w.add_uint32(gn.QUANTIZATION_VERSION, 2)
         for key, value in src.metadata.items():
-            if key.startswith("tokenizer."):
+            if key.startswith(gn.TOKENIZER_PREFIX):
                 _copy_key(w, key, value)
         for (name, shp), qt in zip(tensors, types):
             w.add_tensor_info(name, shp, qt, quant.row_nbytes(qt, shp[-1]) * int(np.prod(shp[:-1])))

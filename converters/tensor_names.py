@@ -1,10 +1,11 @@
 """Which GGUF tensors a Qwen2 / Qwen2-MoE model has, their shapes, and the HF tensors they come from.
 
-Names follow llama.cpp (``token_embd``, ``blk.N.attn_q``, ...). Shapes are numpy order, i.e. the HF
-``nn.Linear`` weight shape ``(n_out, n_in)`` unchanged (GGUF stores ``ne`` reversed). MoE experts are
-stacked into one ``(n_expert, n_out, n_in)`` tensor per projection, from either checkpoint layout:
-one 2-D tensor per expert (``mlp.experts.E.gate_proj.weight``, what transformers saves) or fused 3-D
-tensors (``mlp.experts.gate_up_proj`` with gate rows first, ``mlp.experts.down_proj``).
+GGUF names are the templates of ``qwenlite.gguf.names`` (llama.cpp's: ``token_embd``, ``blk.N.attn_q``,
+...), the ones the loader reads. Shapes are numpy order, i.e. the HF ``nn.Linear`` weight shape
+``(n_out, n_in)`` unchanged (GGUF stores ``ne`` reversed). MoE experts are stacked into one
+``(n_expert, n_out, n_in)`` tensor per projection, from either checkpoint layout: one 2-D tensor per
+expert (``mlp.experts.E.gate_proj.weight``, what transformers saves) or fused 3-D tensors
+(``mlp.experts.gate_up_proj`` with gate rows first, ``mlp.experts.down_proj``).
 
 ``tensor_specs`` lists tensors layer by layer; ``llama_cpp_order`` reorders them the way llama.cpp's
 converter emits them (see there), which is what llama-quantize's per-layer counters depend on.
@@ -15,8 +16,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from qwenlite.converters.hf_config import ModelConfig
 from qwenlite.errors import QwenliteError
+from qwenlite.gguf import names as gn
+from qwenlite.model.config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -40,16 +42,17 @@ class TensorSpec:
 
 
 def _linear(gguf: str, hf: str, n_out: int, n_in: int) -> TensorSpec:
-    return TensorSpec(f"{gguf}.weight", (n_out, n_in), (SourceRef(f"{hf}.weight", (n_out, n_in)),))
+    """A matrix ``gguf`` (a full tensor name) from the HF ``nn.Linear`` weight ``hf.weight``."""
+    return TensorSpec(gguf, (n_out, n_in), (SourceRef(f"{hf}.weight", (n_out, n_in)),))
 
 
 def _vector(gguf: str, hf: str, n: int) -> TensorSpec:
     return TensorSpec(gguf, (n,), (SourceRef(hf, (n,)),))
 
 
-def _experts(has: Callable[[str], bool], cfg: ModelConfig, blk: str, hf: str) -> list[TensorSpec]:
-    """gate/up/down expert stacks of one layer, from per-expert or fused checkpoint tensors."""
-    n_e, d, f = cfg.n_expert, cfg.n_embd, cfg.n_ff_exp
+def _experts(has: Callable[[str], bool], cfg: ModelConfig, i: int, hf: str) -> list[TensorSpec]:
+    """gate/up/down expert stacks of layer ``i``, from per-expert or fused checkpoint tensors."""
+    n_e, d, f = cfg.n_expert, cfg.n_embd, cfg.n_ff_expert
     fused_gu, fused_down = f"{hf}.experts.gate_up_proj", f"{hf}.experts.down_proj"
     if has(fused_gu) or has(fused_gu + ".weight"):
         gu = fused_gu if has(fused_gu) else fused_gu + ".weight"
@@ -64,9 +67,9 @@ def _experts(has: Callable[[str], bool], cfg: ModelConfig, blk: str, hf: str) ->
 
         gate, up, dn = per("gate_proj", (f, d)), per("up_proj", (f, d)), per("down_proj", (d, f))
     return [
-        TensorSpec(f"{blk}.ffn_gate_exps.weight", (n_e, f, d), gate),
-        TensorSpec(f"{blk}.ffn_up_exps.weight", (n_e, f, d), up),
-        TensorSpec(f"{blk}.ffn_down_exps.weight", (n_e, d, f), dn),
+        TensorSpec(gn.weight(gn.FFN_GATE_EXPS, i), (n_e, f, d), gate),
+        TensorSpec(gn.weight(gn.FFN_UP_EXPS, i), (n_e, f, d), up),
+        TensorSpec(gn.weight(gn.FFN_DOWN_EXPS, i), (n_e, d, f), dn),
     ]
 
 
@@ -75,34 +78,36 @@ def tensor_specs(cfg: ModelConfig, has: Callable[[str], bool]) -> list[TensorSpe
     exist (only consulted for the expert layout)."""
     d, hd = cfg.n_embd, cfg.head_dim
     q_out, kv_out = cfg.n_head * hd, cfg.n_head_kv * hd
-    specs = [_linear("token_embd", "model.embed_tokens", cfg.n_vocab, d)]
+    specs = [_linear(gn.weight(gn.TOKEN_EMBD), "model.embed_tokens", cfg.n_vocab, d)]
     for i in range(cfg.n_layer):
-        blk, hf = f"blk.{i}", f"model.layers.{i}"
-        specs.append(_vector(f"{blk}.attn_norm.weight", f"{hf}.input_layernorm.weight", d))
-        qkv = (("attn_q", "q_proj", q_out), ("attn_k", "k_proj", kv_out), ("attn_v", "v_proj", kv_out))
+        hf = f"model.layers.{i}"
+        specs.append(_vector(gn.weight(gn.ATTN_NORM, i), f"{hf}.input_layernorm.weight", d))
+        qkv = ((gn.ATTN_Q, "q_proj", q_out), (gn.ATTN_K, "k_proj", kv_out), (gn.ATTN_V, "v_proj", kv_out))
         for name, proj, n_out in qkv:
-            specs.append(_linear(f"{blk}.{name}", f"{hf}.self_attn.{proj}", n_out, d))
+            specs.append(_linear(gn.weight(name, i), f"{hf}.self_attn.{proj}", n_out, d))
             if cfg.qkv_bias:
-                specs.append(_vector(f"{blk}.{name}.bias", f"{hf}.self_attn.{proj}.bias", n_out))
-        specs.append(_linear(f"{blk}.attn_output", f"{hf}.self_attn.o_proj", d, q_out))
-        specs.append(_vector(f"{blk}.ffn_norm.weight", f"{hf}.post_attention_layernorm.weight", d))
+                specs.append(_vector(gn.bias(name, i), f"{hf}.self_attn.{proj}.bias", n_out))
+        specs.append(_linear(gn.weight(gn.ATTN_OUT, i), f"{hf}.self_attn.o_proj", d, q_out))
+        specs.append(_vector(gn.weight(gn.FFN_NORM, i), f"{hf}.post_attention_layernorm.weight", d))
         mlp = f"{hf}.mlp"
         if not cfg.is_sparse(i):
-            specs.append(_linear(f"{blk}.ffn_gate", f"{mlp}.gate_proj", cfg.n_ff, d))
-            specs.append(_linear(f"{blk}.ffn_up", f"{mlp}.up_proj", cfg.n_ff, d))
-            specs.append(_linear(f"{blk}.ffn_down", f"{mlp}.down_proj", d, cfg.n_ff))
+            gate, up, down = (gn.weight(t, i) for t in gn.FFN_DENSE)
+            specs.append(_linear(gate, f"{mlp}.gate_proj", cfg.n_ff, d))
+            specs.append(_linear(up, f"{mlp}.up_proj", cfg.n_ff, d))
+            specs.append(_linear(down, f"{mlp}.down_proj", d, cfg.n_ff))
             continue
-        specs.append(_linear(f"{blk}.ffn_gate_inp", f"{mlp}.gate", cfg.n_expert, d))
-        specs.extend(_experts(has, cfg, blk, mlp))
+        specs.append(_linear(gn.weight(gn.FFN_GATE_INP, i), f"{mlp}.gate", cfg.n_expert, d))
+        specs.extend(_experts(has, cfg, i, mlp))
         # (1, n_embd) like llama.cpp's converter: ggml sees a 1-D tensor, so it stays F32
-        specs.append(_linear(f"{blk}.ffn_gate_inp_shexp", f"{mlp}.shared_expert_gate", 1, d))
-        sh = cfg.n_ff_shexp
-        specs.append(_linear(f"{blk}.ffn_gate_shexp", f"{mlp}.shared_expert.gate_proj", sh, d))
-        specs.append(_linear(f"{blk}.ffn_up_shexp", f"{mlp}.shared_expert.up_proj", sh, d))
-        specs.append(_linear(f"{blk}.ffn_down_shexp", f"{mlp}.shared_expert.down_proj", d, sh))
-    specs.append(_vector("output_norm.weight", "model.norm.weight", d))
+        specs.append(_linear(gn.weight(gn.FFN_GATE_INP_SHEXP, i), f"{mlp}.shared_expert_gate", 1, d))
+        sh = cfg.n_ff_shared
+        gate, up, down = (gn.weight(t, i) for t in gn.FFN_SHEXP)
+        specs.append(_linear(gate, f"{mlp}.shared_expert.gate_proj", sh, d))
+        specs.append(_linear(up, f"{mlp}.shared_expert.up_proj", sh, d))
+        specs.append(_linear(down, f"{mlp}.shared_expert.down_proj", d, sh))
+    specs.append(_vector(gn.weight(gn.OUTPUT_NORM), "model.norm.weight", d))
     if not cfg.tied_embeddings:
-        specs.append(_linear("output", "lm_head", cfg.n_vocab, d))
+        specs.append(_linear(gn.weight(gn.OUTPUT), "lm_head", cfg.n_vocab, d))
     return specs
 
 

@@ -7,6 +7,7 @@ real llama.cpp-made 0.5B file for the tokenizer keys and the metadata key types.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -19,11 +20,12 @@ from hf_fixtures import make_qwen2_checkpoint, make_qwen2moe_checkpoint
 from safetensors.torch import load_file
 
 from qwenlite.converters import pipeline
-from qwenlite.converters.hf_to_gguf import convert
+from qwenlite.converters.hf_to_gguf import convert, load_config
 from qwenlite.converters.mixes import choose_types
 from qwenlite.errors import QwenliteError
 from qwenlite.gguf.constants import GGMLType, TokenType
 from qwenlite.gguf.reader import GGUFFile
+from qwenlite.model.config import ModelConfig
 
 ALL_TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q5_0", "q5_1", "q4_k_m", "q5_k_m", "q6_k"]
 
@@ -227,6 +229,29 @@ def test_rope_scaling_yarn(tmp_path: Path) -> None:
     with GGUFFile(convert(d, tmp_path / "y2.gguf", "f32", progress=False)) as f:
         assert f.metadata["qwen2.rope.scaling.factor"] == 2.0
         assert f.metadata["qwen2.rope.freq_base"] == 5e5
+
+
+@pytest.mark.parametrize(
+    ("kind", "overrides"),
+    [
+        ("dense", {}),
+        ("dense", {"tie_word_embeddings": True, "head_dim": 32}),
+        ("dense", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}}),
+        ("dense", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
+        ("moe", {}),
+        ("moe", {"decoder_sparse_step": 2, "mlp_only_layers": [], "norm_topk_prob": False}),
+    ],
+)
+def test_config_round_trip(kind: str, overrides: dict, tmp_path: Path) -> None:
+    """One hyperparameter class: what the converter parses from config.json is what the runtime reads
+    back from the file it wrote (floats as the float32 they are stored in)."""
+    make = make_qwen2_checkpoint if kind == "dense" else make_qwen2moe_checkpoint
+    d = make(tmp_path, num_hidden_layers=2, **overrides)
+    want, _ = load_config(d)
+    with GGUFFile(convert(d, tmp_path / "c.gguf", "f32", progress=False)) as f:
+        got = ModelConfig.from_gguf(f)
+    f32 = {k: float(np.float32(getattr(want, k))) for k in ("rope_base", "norm_eps", "rope_factor")}
+    assert got == dataclasses.replace(want, **f32)
 
 
 # --- quantized output -------------------------------------------------------------------------------

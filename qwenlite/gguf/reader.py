@@ -24,6 +24,7 @@ from gguf.constants import GGML_QUANT_SIZES
 from numba import njit
 
 from qwenlite.errors import GGUFError
+from qwenlite.gguf import names as gn
 from qwenlite.gguf.constants import (
     GGUF_DEFAULT_ALIGNMENT,
     GGUF_MAGIC,
@@ -227,9 +228,9 @@ class GGUFFile:
             elem = struct.unpack_from("<I", buf, array_start)[0] if vtype == GGUFValueType.ARRAY else None
             self.metadata_types[key] = (GGUFValueType(vtype), None if elem is None else GGUFValueType(elem))
 
-        alignment = self.metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
+        alignment = self.metadata.get(gn.ALIGNMENT, GGUF_DEFAULT_ALIGNMENT)
         if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
-            raise GGUFError(f"{self.path}: general.alignment {alignment!r} is not a power of two")
+            raise GGUFError(f"{self.path}: {gn.ALIGNMENT} {alignment!r} is not a power of two")
 
         raw_infos = []
         for _ in range(n_tensors):
@@ -283,9 +284,9 @@ class GGUFFile:
 
     @property
     def architecture(self) -> str:
-        arch = self.metadata.get("general.architecture")
+        arch = self.metadata.get(gn.ARCHITECTURE)
         if not isinstance(arch, str):
-            raise GGUFError(f"{self.path}: no general.architecture in metadata")
+            raise GGUFError(f"{self.path}: no {gn.ARCHITECTURE} in metadata")
         return arch
 
     def get(self, key: str, default: Any = None) -> Any:

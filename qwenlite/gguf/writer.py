@@ -29,6 +29,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from qwenlite.errors import GGUFError
+from qwenlite.gguf import names as gn
 from qwenlite.gguf.constants import (
     GGUF_DEFAULT_ALIGNMENT,
     GGUF_MAGIC,
@@ -39,7 +40,6 @@ from qwenlite.gguf.constants import (
 )
 
 GGUF_VERSION = 3
-ALIGNMENT_KEY = "general.alignment"
 
 _INT_RANGES: dict[GGUFValueType, tuple[int, int]] = {
     GGUFValueType.UINT8: (0, 2**8 - 1),
@@ -153,7 +153,7 @@ class GGUFWriter:
         self._order: list[str] = []
         self._done = False
         if alignment != GGUF_DEFAULT_ALIGNMENT:
-            self.add_uint32(ALIGNMENT_KEY, alignment)
+            self.add_uint32(gn.ALIGNMENT, alignment)
 
     # --- metadata -------------------------------------------------------------------------------
 

@@ -1,22 +1,38 @@
-"""Model hyperparameters, read from GGUF metadata only (never from the file name or tensor shapes)."""
+"""Model hyperparameters: one definition for both directions.
+
+``ModelConfig.from_gguf`` reads them from GGUF metadata only (never from the file name or tensor
+shapes) for the runtime; ``ModelConfig.from_hf_config`` reads them from a Hugging Face
+``config.json`` for the converter, which writes them back as the GGUF keys ``from_gguf`` reads (keys
+and tensor names: ``qwenlite.gguf.names``).
+
+Both config.json generations are accepted: transformers < 5 writes ``rope_theta`` and
+``rope_scaling`` at the top level, transformers 5 writes them inside ``rope_parameters``. Every
+config.json field is checked for type and range, so a broken config fails with the field's name
+rather than later as a shape mismatch.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from qwenlite.errors import GGUFError
+from qwenlite.errors import GGUFError, QwenliteError
+from qwenlite.gguf import names as gn
 from qwenlite.gguf.reader import GGUFFile
 
-SUPPORTED_ARCHITECTURES = ("qwen2", "qwen2moe")
+# Hugging Face ``architectures[0]`` -> GGUF ``general.architecture``
+ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "Qwen2MoeForCausalLM": "qwen2moe"}
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES.values())
+ROPE_SCALINGS = ("none", "linear", "yarn")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Everything the forward pass needs to know about the network's shape."""
+    """Everything the forward pass and the converter need to know about the network's shape."""
 
-    arch: str
+    arch: str  # GGUF architecture: "qwen2" or "qwen2moe"
     n_layer: int
     n_embd: int
     n_ff: int
@@ -27,9 +43,9 @@ class ModelConfig:
     n_ctx_train: int
     rope_base: float
     norm_eps: float
-    rope_scaling: str = "none"
+    rope_scaling: str = "none"  # "none", "linear" or "yarn"
     rope_factor: float = 1.0
-    rope_orig_ctx: int = 0
+    rope_orig_ctx: int = 0  # original context length of YaRN; 0 = not recorded
     # Qwen2-MoE only (n_expert == 0 for dense models).
     n_expert: int = 0
     n_expert_used: int = 0
@@ -37,6 +53,15 @@ class ModelConfig:
     n_ff_shared: int = 0
     expert_weights_norm: bool = False
     dense_layers: tuple[int, ...] = ()
+    # The checkpoint's layout, which the converter needs; from_gguf derives them from the file.
+    hf_arch: str = ""  # Hugging Face architecture name, e.g. "Qwen2ForCausalLM"
+    tied_embeddings: bool = False  # no separate output matrix: logits use token_embd
+    qkv_bias: bool = True  # attn_q/k/v have biases
+    head_dim_explicit: bool = False  # head_dim is given (config.json head_dim, GGUF key_length)
+
+    def is_sparse(self, layer: int) -> bool:
+        """True when ``layer`` has experts (a qwen2moe layer not listed in ``dense_layers``)."""
+        return self.arch == "qwen2moe" and layer not in self.dense_layers
 
     @classmethod
     def from_gguf(cls, f: GGUFFile) -> ModelConfig:
@@ -46,56 +71,178 @@ class ModelConfig:
                 f"{f.path}: architecture {arch!r} is not supported (qwenlite runs {', '.join(SUPPORTED_ARCHITECTURES)})"
             )
 
-        def need_int(key: str) -> int:
-            value = f.require(f"{arch}.{key}", (int, np.integer))
+        def key(template: str) -> str:
+            return gn.arch_key(template, arch)
+
+        def need_int(template: str) -> int:
+            value = f.require(key(template), (int, np.integer))
             if value <= 0:
-                raise GGUFError(f"{f.path}: {arch}.{key} = {value} must be positive")
+                raise GGUFError(f"{f.path}: {key(template)} = {value} must be positive")
             return int(value)
 
-        n_embd = need_int("embedding_length")
-        n_head = need_int("attention.head_count")
-        n_head_kv = int(f.get(f"{arch}.attention.head_count_kv", n_head))
-        head_dim = int(f.get(f"{arch}.attention.key_length", n_embd // n_head))
+        n_embd = need_int(gn.EMBEDDING_LENGTH)
+        n_head = need_int(gn.HEAD_COUNT)
+        n_head_kv = int(f.get(key(gn.HEAD_COUNT_KV), n_head))
+        head_dim = int(f.get(key(gn.KEY_LENGTH), n_embd // n_head))
         if head_dim <= 0 or head_dim % 2 or n_head_kv <= 0 or n_head % n_head_kv:
             raise GGUFError(f"{f.path}: {n_head} heads / {n_head_kv} kv heads of size {head_dim} do not fit d={n_embd}")
-        scaling = f.get(f"{arch}.rope.scaling.type", "none") or "none"
-        if scaling not in ("none", "linear", "yarn"):
-            raise GGUFError(f"{f.path}: rope scaling {scaling!r} is not supported (none, linear, yarn)")
-        factor = float(f.get(f"{arch}.rope.scaling.factor", 1.0))
-        orig_ctx = int(f.get(f"{arch}.rope.scaling.original_context_length", 0))
+        scaling = f.get(key(gn.ROPE_SCALING_TYPE), "none") or "none"
+        if scaling not in ROPE_SCALINGS:
+            raise GGUFError(f"{f.path}: rope scaling {scaling!r} is not supported ({', '.join(ROPE_SCALINGS)})")
+        factor = float(f.get(key(gn.ROPE_SCALING_FACTOR), 1.0))
+        orig_ctx = int(f.get(key(gn.ROPE_SCALING_ORIG_CTX), 0))
         if scaling != "none" and (factor <= 0 or (scaling == "yarn" and orig_ctx <= 0)):
             raise GGUFError(f"{f.path}: rope scaling {scaling} needs a positive factor and original context length")
-        tokens = f.get("tokenizer.ggml.tokens")
-        embd = f.tensors.get("token_embd.weight")
+        tokens = f.get(gn.TOKENS)
+        embd = f.tensors.get(gn.weight(gn.TOKEN_EMBD))
         n_vocab = embd.shape[0] if embd is not None else len(tokens or [])
-        cfg = dict(
+        cfg: dict[str, Any] = dict(
             arch=arch,
-            n_layer=need_int("block_count"),
+            n_layer=need_int(gn.BLOCK_COUNT),
             n_embd=n_embd,
-            n_ff=int(f.get(f"{arch}.feed_forward_length", 0)),
+            n_ff=int(f.get(key(gn.FEED_FORWARD_LENGTH), 0)),
             n_head=n_head,
             n_head_kv=n_head_kv,
             head_dim=head_dim,
             n_vocab=n_vocab,
-            n_ctx_train=need_int("context_length"),
-            rope_base=float(f.get(f"{arch}.rope.freq_base", 10000.0)),
-            norm_eps=float(f.require(f"{arch}.attention.layer_norm_rms_epsilon", (float, int))),
+            n_ctx_train=need_int(gn.CONTEXT_LENGTH),
+            rope_base=float(f.get(key(gn.ROPE_FREQ_BASE), 10000.0)),
+            norm_eps=float(f.require(key(gn.RMS_EPS), (float, int))),
+            rope_scaling=scaling,
+            rope_factor=factor,
+            rope_orig_ctx=orig_ctx,
+            hf_arch=next(hf for hf, a in ARCHITECTURES.items() if a == arch),
+            tied_embeddings=gn.weight(gn.OUTPUT) not in f.tensors,
+            qkv_bias=gn.bias(gn.ATTN_Q, 0) in f.tensors,
+            head_dim_explicit=key(gn.KEY_LENGTH) in f.metadata,
+        )
+        if arch == "qwen2moe":
+            n_expert = need_int(gn.EXPERT_COUNT)
+            n_used = need_int(gn.EXPERT_USED_COUNT)
+            if n_used > n_expert:
+                raise GGUFError(f"{f.path}: {n_used} experts used per token but only {n_expert} exist")
+            dense = f.get(key(gn.DENSE_LAYERS))
+            cfg.update(
+                n_expert=n_expert,
+                n_expert_used=n_used,
+                n_ff_expert=int(f.get(key(gn.EXPERT_FEED_FORWARD_LENGTH), 0)),
+                n_ff_shared=int(f.get(key(gn.EXPERT_SHARED_FEED_FORWARD_LENGTH), 0)),
+                expert_weights_norm=bool(f.get(key(gn.EXPERT_WEIGHTS_NORM), False)),
+                dense_layers=tuple(int(i) for i in dense) if dense is not None else (),
+            )
+        return cls(**cfg)
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any]) -> ModelConfig:
+        """Validate a Hugging Face ``config.json`` dict (Qwen2 / Qwen2-MoE) and return its hyperparameters."""
+        archs = cfg.get("architectures")
+        if not isinstance(archs, list) or not archs:
+            raise QwenliteError("config.json: no 'architectures' entry")
+        hf_arch = archs[0]
+        arch = ARCHITECTURES.get(hf_arch)
+        if arch is None:
+            raise QwenliteError(f"unsupported architecture {hf_arch!r}; qwenlite converts {', '.join(ARCHITECTURES)}")
+        n_layer = _int(cfg, "num_hidden_layers")
+        n_embd = _int(cfg, "hidden_size")
+        n_head = _int(cfg, "num_attention_heads")
+        n_head_kv = _int(cfg, "num_key_value_heads", n_head)
+        if n_head % n_head_kv:
+            raise QwenliteError(f"config.json: {n_head} attention heads are not a multiple of {n_head_kv} kv heads")
+        head_dim_explicit = cfg.get("head_dim") is not None
+        head_dim = _int(cfg, "head_dim") if head_dim_explicit else n_embd // n_head
+        if not head_dim_explicit and n_embd % n_head:
+            raise QwenliteError(f"config.json: hidden_size {n_embd} is not a multiple of {n_head} heads")
+        if head_dim % 2:
+            raise QwenliteError(f"config.json: head dimension {head_dim} must be even for RoPE")
+        rope_base, scaling, factor, orig_ctx = _rope(cfg)
+        common: dict[str, Any] = dict(
+            arch=arch,
+            hf_arch=hf_arch,
+            n_layer=n_layer,
+            n_embd=n_embd,
+            n_ff=_int(cfg, "intermediate_size"),
+            n_head=n_head,
+            n_head_kv=n_head_kv,
+            head_dim=head_dim,
+            head_dim_explicit=head_dim_explicit,
+            n_vocab=_int(cfg, "vocab_size"),
+            n_ctx_train=_int(cfg, "max_position_embeddings"),
+            rope_base=rope_base,
+            norm_eps=_float(cfg.get("rms_norm_eps", 1e-6), "rms_norm_eps"),
+            tied_embeddings=_bool(cfg, "tie_word_embeddings", False),
+            qkv_bias=_bool(cfg, "qkv_bias", True) if arch == "qwen2moe" else True,
             rope_scaling=scaling,
             rope_factor=factor,
             rope_orig_ctx=orig_ctx,
         )
-        if arch == "qwen2moe":
-            n_expert = need_int("expert_count")
-            n_used = need_int("expert_used_count")
-            if n_used > n_expert:
-                raise GGUFError(f"{f.path}: {n_used} experts used per token but only {n_expert} exist")
-            dense = f.get(f"{arch}.dense_layers")
-            cfg.update(
-                n_expert=n_expert,
-                n_expert_used=n_used,
-                n_ff_expert=int(f.get(f"{arch}.expert_feed_forward_length", 0)),
-                n_ff_shared=int(f.get(f"{arch}.expert_shared_feed_forward_length", 0)),
-                expert_weights_norm=bool(f.get(f"{arch}.expert_weights_norm", False)),
-                dense_layers=tuple(int(i) for i in dense) if dense is not None else (),
-            )
-        return cls(**cfg)
+        if arch == "qwen2":
+            return cls(**common)
+
+        n_expert = _int(cfg, "num_experts")
+        n_used = _int(cfg, "num_experts_per_tok")
+        if n_used > n_expert:
+            raise QwenliteError(f"config.json: num_experts_per_tok {n_used} exceeds num_experts {n_expert}")
+        step = _int(cfg, "decoder_sparse_step", 1)
+        mlp_only = cfg.get("mlp_only_layers") or []
+        if not isinstance(mlp_only, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in mlp_only):
+            raise QwenliteError(f"config.json: mlp_only_layers must be a list of layer numbers, got {mlp_only!r}")
+        if any(not 0 <= i < n_layer for i in mlp_only):
+            raise QwenliteError(f"config.json: mlp_only_layers {mlp_only} names layers outside 0..{n_layer - 1}")
+        # transformers' rule (Qwen2MoeDecoderLayer): sparse iff not listed and (i + 1) % step == 0
+        dense = tuple(i for i in range(n_layer) if i in mlp_only or (i + 1) % step != 0)
+        return cls(
+            **common,
+            n_expert=n_expert,
+            n_expert_used=n_used,
+            n_ff_expert=_int(cfg, "moe_intermediate_size"),
+            n_ff_shared=_int(cfg, "shared_expert_intermediate_size"),
+            expert_weights_norm=_bool(cfg, "norm_topk_prob", False),
+            dense_layers=dense,
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# config.json field checks
+
+
+def _int(cfg: dict[str, Any], key: str, default: int | None = None, minimum: int = 1) -> int:
+    value = cfg.get(key, default)
+    if value is None:
+        raise QwenliteError(f"config.json: missing {key!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise QwenliteError(f"config.json: {key!r} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _float(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise QwenliteError(f"config.json: {key!r} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _bool(cfg: dict[str, Any], key: str, default: bool) -> bool:
+    value = cfg.get(key, default)
+    if not isinstance(value, bool):
+        raise QwenliteError(f"config.json: {key!r} must be true or false, got {value!r}")
+    return value
+
+
+def _rope(cfg: dict[str, Any]) -> tuple[float, str, float, int]:
+    """(rope base, scaling type, factor, original context length; 0 when not given)."""
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if not isinstance(params, dict):
+        raise QwenliteError("config.json: rope_parameters / rope_scaling must be an object")
+    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    theta = _float(theta, "rope_theta")
+    kind = params.get("rope_type", params.get("type"))
+    if kind in (None, "default"):
+        return theta, "none", 1.0, 0
+    factor = params.get("factor")
+    if kind == "linear" and factor is not None:
+        return theta, "linear", _float(factor, "rope factor"), 0
+    if kind == "yarn" and factor is not None:
+        orig = params.get("original_max_position_embeddings", cfg.get("original_max_position_embeddings"))
+        if isinstance(orig, bool) or not isinstance(orig, int) or orig <= 0:
+            raise QwenliteError("config.json: yarn rope scaling needs original_max_position_embeddings")
+        return theta, "yarn", _float(factor, "rope factor"), orig
+    raise QwenliteError(f"config.json: unsupported rope scaling {kind!r} (qwenlite handles linear and yarn)")

@@ -17,11 +17,10 @@ from typing import Any
 import numpy as np
 
 from qwenlite.errors import QwenliteError
+from qwenlite.gguf import names as gn
 from qwenlite.gguf.constants import TokenType
 from qwenlite.tokenizer.bytelevel import texts_to_bytes
 from qwenlite.tokenizer.pretokenizer import pattern_for
-
-KEY = "tokenizer.ggml."
 
 
 @dataclass(frozen=True)
@@ -61,7 +60,7 @@ def _string_list(md: Mapping[str, Any], key: str) -> list[str]:
 
 
 def _token_types(md: Mapping[str, Any], n_tokens: int) -> np.ndarray:
-    key = KEY + "token_type"
+    key = gn.TOKEN_TYPE
     value = md.get(key)
     if value is None:
         raise QwenliteError(f"tokenizer metadata: '{key}' is missing")
@@ -85,8 +84,7 @@ def _token_types(md: Mapping[str, Any], n_tokens: int) -> np.ndarray:
     return types.astype(np.int32)
 
 
-def _optional_id(md: Mapping[str, Any], name: str, n_tokens: int) -> int | None:
-    key = KEY + name
+def _optional_id(md: Mapping[str, Any], key: str, n_tokens: int) -> int | None:
     value = md.get(key)
     if value is None:
         return None
@@ -167,9 +165,9 @@ def _special_tables(texts: list[str], types: np.ndarray) -> tuple[dict[str, int]
 
 def read_vocab(md: Mapping[str, Any]) -> Vocab:
     """Validate GGUF tokenizer metadata and turn it into a ``Vocab``."""
-    model = _optional_str(md, KEY + "model")
+    model = _optional_str(md, gn.TOKENIZER_MODEL)
     if model is None:
-        raise QwenliteError("tokenizer metadata: 'tokenizer.ggml.model' is missing")
+        raise QwenliteError(f"tokenizer metadata: '{gn.TOKENIZER_MODEL}' is missing")
     if model == "llama":
         raise QwenliteError(
             "tokenizer: SentencePiece ('llama') vocabularies are not supported; qwenlite runs byte-level "
@@ -179,15 +177,15 @@ def read_vocab(md: Mapping[str, Any]) -> Vocab:
         raise QwenliteError(f"tokenizer: unsupported tokenizer model '{model}' (qwenlite supports 'gpt2')")
     # Files converted before llama.cpp recorded the pre-tokenizer carry no 'pre'; every byte-level
     # model qwenlite can run is a Qwen2-family model, so the Qwen2 split is the right default.
-    pre = _optional_str(md, KEY + "pre") or "qwen2"
+    pre = _optional_str(md, gn.TOKENIZER_PRE) or "qwen2"
     pattern = pattern_for(pre)
 
-    texts = _string_list(md, KEY + "tokens")
+    texts = _string_list(md, gn.TOKENS)
     n = len(texts)
     if n == 0:
         raise QwenliteError("tokenizer metadata: the token list is empty")
     types = _token_types(md, n)
-    merges = _string_list(md, KEY + "merges")
+    merges = _string_list(md, gn.MERGES)
 
     normal = np.nonzero(types == TokenType.NORMAL)[0].tolist()
     normal_texts = [texts[i] for i in normal]
@@ -215,9 +213,9 @@ def read_vocab(md: Mapping[str, Any]) -> Vocab:
     for text, i in (*control.items(), *user_defined.items()):
         pieces[i] = text.encode("utf-8")
 
-    add_bos = md.get(KEY + "add_bos_token", False)
+    add_bos = md.get(gn.ADD_BOS, False)
     if not isinstance(add_bos, (bool, np.bool_)):
-        raise QwenliteError("tokenizer metadata: 'tokenizer.ggml.add_bos_token' must be a boolean")
+        raise QwenliteError(f"tokenizer metadata: '{gn.ADD_BOS}' must be a boolean")
 
     return Vocab(
         model=model,
@@ -228,9 +226,9 @@ def read_vocab(md: Mapping[str, Any]) -> Vocab:
         pieces=pieces,
         control=control,
         user_defined=user_defined,
-        bos_id=_optional_id(md, "bos_token_id", n),
-        eos_id=_optional_id(md, "eos_token_id", n),
-        eot_id=_optional_id(md, "eot_token_id", n),
+        bos_id=_optional_id(md, gn.BOS_ID, n),
+        eos_id=_optional_id(md, gn.EOS_ID, n),
+        eot_id=_optional_id(md, gn.EOT_ID, n),
         add_bos=bool(add_bos),
-        chat_template=_optional_str(md, "tokenizer.chat_template"),
+        chat_template=_optional_str(md, gn.CHAT_TEMPLATE),
     )
