@@ -495,3 +495,22 @@ def test_synthetic_file_matches_llama_cpp(synthetic_file: Path) -> None:
     agree = int((ours.argmax(1) == ref.argmax(1)).sum())
     print(f"synthetic tiny MoE vs llama.cpp: rel L2 max {rel.max():.4f}, top-1 agree {agree}/{len(ids)}")
     assert rel.max() < SAME_WEIGHTS_REL_L2
+
+
+@pytest.mark.parametrize("ftype", ["f32", "q8_0"])
+def test_batched_moe_logits_are_bitwise_equal_to_alone(case: Case, ftype: str) -> None:
+    """Routing, grouped experts and the combine are row-wise: a sequence's logits do not change by a
+    bit when other sequences share its forward passes (different experts are then picked together),
+    on any thread count."""
+    import numba
+
+    with _load(case.ggufs[ftype]) as m:
+        alone = [m.logits(ids) for ids in case.prompts]
+        for a, b in zip(alone, m.logits_batch(case.prompts)):
+            np.testing.assert_array_equal(a, b)
+        before = numba.get_num_threads()
+        numba.set_num_threads(1)
+        try:
+            np.testing.assert_array_equal(m.logits(case.prompts[0]), alone[0])
+        finally:
+            numba.set_num_threads(before)
