@@ -151,7 +151,7 @@ class Model:
 
     def cancel(self) -> None:
         """Stop the evaluation running in another thread before its next forward pass (a stream then
-        ends with finish_reason "cancelled"; other calls raise ``qwenlite.errors.Cancelled``)."""
+        ends with finish_reason "cancelled"; other calls raise ``qwenlite.errors.CancelledError``)."""
         self.runtime.cancel()
 
     def _ids(self, prompt: str | Sequence[int], special: bool, what: str = "the prompt") -> list[int]:

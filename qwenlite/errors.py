@@ -14,5 +14,5 @@ class GGUFError(QwenliteError):
     """A GGUF file that is truncated, hostile or not one we can run."""
 
 
-class Cancelled(QwenliteError):
+class CancelledError(QwenliteError):
     """An evaluation stopped by ``Model.cancel()`` between two forward passes."""

@@ -85,10 +85,10 @@ def test_missing_tensor_and_bad_hyperparameters(tiny_gguf: Path, tmp_path: Path)
 
 def test_prompt_longer_than_context(tiny_gguf: Path) -> None:
     with qwenlite.load(tiny_gguf, n_ctx=16) as m:
-        with pytest.raises(QwenliteError, match="do not fit the context of 16"):
+        with pytest.raises(QwenliteError, match="the token list is 17 tokens but a sequence's context is 16"):
             m.logits(list(range(17)))
-        with pytest.raises(QwenliteError, match="the prompt is 20 tokens but only 16"):
+        with pytest.raises(QwenliteError, match="the prompt is 20 tokens but a sequence's context is 16"):
             m.generate(list(range(20)), max_tokens=4)
-        with pytest.raises(QwenliteError, match="token id out of range"):
+        with pytest.raises(QwenliteError, match=f"token id {m.config.n_vocab} out of range"):
             m.logits([m.config.n_vocab])
         assert isinstance(m.generate(list(range(10)), max_tokens=4), str)

@@ -90,11 +90,11 @@ def _f16(x: np.ndarray) -> np.ndarray:
 
 
 def _q8_0(x: np.ndarray) -> np.ndarray:
-    """ggml's Q8_0 round trip of rows (blocks of 32 along the last axis), f16 scales."""
+    """ggml's Q8_0 round trip of rows (blocks of 32 along the last axis, f16 scales, C roundf)."""
     b = x.reshape(*x.shape[:-1], -1, 32).astype(np.float32)
     d = np.abs(b).max(-1, keepdims=True) / np.float32(127)
     inv = np.where(d == 0, np.float32(0), np.float32(1) / np.where(d == 0, 1, d))
-    q = np.clip(np.sign(b * inv) * np.floor(np.abs(b * inv) + 0.5), -127, 127)  # C roundf: half away from 0
+    q = np.clip(np.sign(b * inv) * np.floor(np.abs(b * inv) + 0.5), -127, 127)
     return (q * d.astype(np.float16).astype(np.float32)).reshape(x.shape).astype(np.float64)
 
 
@@ -129,6 +129,40 @@ def test_causal_gqa_attention_over_cache(kind: str, n_head: int, n_kv: int, hd: 
             p = np.exp(sc - sc.max())
             ref = (p / p.sum()) @ v
             np.testing.assert_allclose(out[t, h * hd : (h + 1) * hd], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_q8_0_keys_are_stored_without_their_rotated_bias() -> None:
+    """Keys = RoPE(W h + b) with a bias 20x the rest (Qwen2's k_proj): the q8_0 cache quantizes only
+    k - R(pos) b and adds q . R(pos) b exactly, so its attention stays within Q8_0 rounding of the
+    bias-free part, many times closer than Q8_0 of the whole key."""
+    hd, n_kv, n = 64, 2, 40
+    cos, sin = rope_tables(n, hd, 10000.0)
+    bias = (RNG.standard_normal(n_kv * hd) * 40).astype(np.float32)
+    wh = RNG.standard_normal((n, n_kv * hd)).astype(np.float32) * 2
+    keys = wh + bias
+    rope_neox(keys, n_kv, np.arange(n), cos, sin)
+    rb = np.tile(bias, (n, 1))
+    rope_neox(rb, n_kv, np.arange(n), cos, sin)
+    vals = RNG.standard_normal((n, n_kv * hd)).astype(np.float32)
+    q = (RNG.standard_normal((1, 2 * hd)) * 0.2).astype(np.float32)
+    cache = KVCache(CPUBackend(), 1, n_kv, hd, 1, n, "q8_0", k_bias=bias[None], rope=(cos, sin))
+    cache.store(0, keys, vals, np.zeros(n, np.int64), np.arange(n))
+    ours = cache.attend(0, q, np.array([0]), np.array([n - 1]), 2)[0]
+
+    def attend(k: np.ndarray, v: np.ndarray) -> np.ndarray:
+        out = []
+        for h in range(2):
+            kk, vv = k[:, h * hd : (h + 1) * hd], v[:, h * hd : (h + 1) * hd]
+            sc = kk @ q[0, h * hd : (h + 1) * hd].astype(np.float64) / np.sqrt(hd)
+            p = np.exp(sc - sc.max())
+            out.append((p / p.sum()) @ vv)
+        return np.concatenate(out)
+
+    split = attend(_q8_0(keys - rb) + rb, _q8_0(vals))
+    np.testing.assert_allclose(ours, split, rtol=1e-4, atol=1e-4)
+    exact_keys = attend(keys.astype(np.float64), _q8_0(vals))  # isolates what the keys' rounding does
+    whole = attend(_q8_0(keys), _q8_0(vals))
+    assert np.linalg.norm(ours - exact_keys) < np.linalg.norm(whole - exact_keys) / 4
 
 
 def test_kv_cache_truncate_copy_and_sizes() -> None:

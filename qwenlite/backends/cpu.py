@@ -38,6 +38,10 @@ class CPUKV:
     v: np.ndarray
     k_scale: np.ndarray | None = None
     v_scale: np.ndarray | None = None
+    k_bias: np.ndarray | None = None  # q8_0: [n_layer, n_kv*hd], subtracted (rotated) from stored keys
+    v_bias: np.ndarray | None = None  # q8_0: zeros, values keep everything
+    cos: np.ndarray | None = None
+    sin: np.ndarray | None = None
 
     def arrays(self) -> list[np.ndarray]:
         return [a for a in (self.k, self.v, self.k_scale, self.v_scale) if a is not None]
@@ -84,7 +88,8 @@ class CPUBackend:
             weights = weights / weights.sum(axis=1, keepdims=True)
         return top, weights.astype(np.float32)
 
-    def kv_alloc(self, kind: str, n_layer: int, n_seq: int, n_kv: int, n_ctx: int, head_dim: int) -> CPUKV:
+    def kv_alloc(self, kind: str, n_layer: int, n_seq: int, n_kv: int, n_ctx: int, head_dim: int, *,
+                 k_bias: np.ndarray, rope: tuple[np.ndarray, np.ndarray]) -> CPUKV:
         shape = (n_layer, n_seq, n_kv, n_ctx, head_dim)
         if kind == "f32":
             return CPUKV(kind, _zeros(shape, np.float32), _zeros(shape, np.float32))
@@ -93,7 +98,8 @@ class CPUBackend:
         if kind == "q8_0":
             sshape = (*shape[:-1], head_dim // 32)
             return CPUKV(kind, _zeros(shape, np.int8), _zeros(shape, np.int8),
-                         _zeros(sshape, np.uint16), _zeros(sshape, np.uint16))
+                         _zeros(sshape, np.uint16), _zeros(sshape, np.uint16),
+                         k_bias, np.zeros_like(k_bias[0]), *rope)
         raise QwenliteError(f"the CPU backend has no KV cache type {kind!r}")
 
     def kv_store(self, storage: CPUKV, layer: int, k: np.ndarray, v: np.ndarray, seq: np.ndarray,
@@ -105,8 +111,9 @@ class CPUBackend:
             kvk.store_f16(storage.k[layer], k, seq, pos)
             kvk.store_f16(storage.v[layer], v, seq, pos)
         else:
-            kvk.store_q8_0(storage.k[layer], storage.k_scale[layer], k, seq, pos)
-            kvk.store_q8_0(storage.v[layer], storage.v_scale[layer], v, seq, pos)
+            st = storage
+            kvk.store_q8_0(st.k[layer], st.k_scale[layer], k, seq, pos, st.k_bias[layer], st.cos, st.sin)
+            kvk.store_q8_0(st.v[layer], st.v_scale[layer], v, seq, pos, st.v_bias, st.cos, st.sin)
 
     def kv_attend(self, storage: CPUKV, layer: int, q: np.ndarray, seq: np.ndarray, pos: np.ndarray,
                   n_heads: int) -> np.ndarray:
@@ -118,8 +125,9 @@ class CPUBackend:
         elif storage.kind == "f16":
             kvk.attend_f16(q, storage.k[layer], storage.v[layer], seq, pos, n_heads, parallel, out)
         else:
-            kvk.attend_q8_0(q, storage.k[layer], storage.k_scale[layer], storage.v[layer], storage.v_scale[layer],
-                            seq, pos, n_heads, parallel, out)
+            st = storage
+            kvk.attend_q8_0(q, st.k[layer], st.k_scale[layer], st.v[layer], st.v_scale[layer], st.k_bias[layer],
+                            st.cos, st.sin, seq, pos, n_heads, parallel, out)
         return out
 
     def kv_copy(self, storage: CPUKV, src: int, dst: int, n: int) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 
 from qwenlite.chat.sampler import Sampler
 from qwenlite.chat.template import IM_END, IM_START
-from qwenlite.errors import Cancelled, QwenliteError
+from qwenlite.errors import CancelledError, QwenliteError
 from qwenlite.tokenizer import StreamDecoder
 
 MARKER_STRINGS = (IM_START, IM_END, "<|endoftext|>")
@@ -147,7 +147,7 @@ class Generation:
         history = list(self.prompt_ids)
         try:
             logits = engine.eval(self.prompt_ids)
-        except Cancelled:
+        except CancelledError:
             self.finish_reason = "cancelled"
             return
         reason = "length"

@@ -120,6 +120,11 @@ class Qwen2:
         self.cos, self.sin = rope_tables(n_ctx, cfg.head_dim, cfg.rope_base, cfg.rope_scaling, cfg.rope_factor,
                                          cfg.rope_orig_ctx)
 
+    def k_bias(self) -> np.ndarray:
+        """The key projections' biases ``[n_layer, n_kv*hd]`` (zeros where a layer has none)."""
+        n = self.cfg.n_head_kv * self.cfg.head_dim
+        return np.stack([b.wk.bias if b.wk.bias is not None else np.zeros(n, np.float32) for b in self.blocks])
+
     def forward(self, ids: np.ndarray, pos: np.ndarray, seq: np.ndarray, rows: np.ndarray,
                 cache: object) -> np.ndarray:
         """Logits ``[len(rows), n_vocab]`` of the tokens ``rows`` of the batch (ids, pos, seq: ``[T]``),

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from qwenlite.errors import Cancelled, QwenliteError
+from qwenlite.errors import CancelledError, QwenliteError
 from qwenlite.model.qwen2 import Qwen2
 from qwenlite.runtime.kvcache import KVCache
 
@@ -41,7 +41,8 @@ class Engine:
         self.n_seq = n_seq
         self.n_batch = n_batch
         self.n_vocab = cfg.n_vocab
-        self.cache = KVCache(model.backend, cfg.n_layer, cfg.n_head_kv, cfg.head_dim, n_seq, n_ctx, kv_type)
+        self.cache = KVCache(model.backend, cfg.n_layer, cfg.n_head_kv, cfg.head_dim, n_seq, n_ctx, kv_type,
+                             k_bias=model.k_bias(), rope=(model.cos, model.sin))
         self._cancel = threading.Event()
         self._tokens: list[list[int]] = [[] for _ in range(n_seq)]
 
@@ -125,7 +126,7 @@ class Engine:
         outs = []
         for lo in range(0, ids.size, self.n_batch):
             if lo and self._cancel.is_set():
-                raise Cancelled("evaluation cancelled")
+                raise CancelledError("evaluation cancelled")
             sl = slice(lo, lo + self.n_batch)
             rows = np.flatnonzero(want[sl])
             out = self.model.forward(ids[sl], positions[sl], seqs[sl], rows, self.cache)

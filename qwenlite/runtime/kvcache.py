@@ -8,9 +8,9 @@ Positions are appended in order: a sequence of length n takes its next token at 
 independent: attention of a token in slot s reads only slot s, positions 0..its own.
 
 Element types (``KV_TYPES``, llama.cpp's ``-ctk``/``-ctv`` names): ``f32``, ``f16`` (the default) and
-``q8_0``. Measured on the real 0.5B model (BENCHMARKS.md, "KV cache"): f16 and f32 give the same
-top-1 tokens against transformers and decode at the same speed, at half the memory; q8_0 costs 0.266x
-of f32 and keeps top-1 agreement above 0.97.
+``q8_0`` (keys stored without their bias, see ``kernels.kv``). Measured on the real
+0.5B model against transformers (``tests/test_model_vs_hf.py``, 317 positions): see BENCHMARKS.md,
+"KV cache"; f16 is the default because it matches f32's accuracy at half the memory.
 """
 
 from __future__ import annotations
@@ -58,7 +58,10 @@ class KVCache:
     """Keys and values of ``n_seq`` sequences, ``n_ctx`` positions each, for every layer."""
 
     def __init__(self, backend: Backend, n_layer: int, n_head_kv: int, head_dim: int, n_seq: int, n_ctx: int,
-                 kind: str | None = None) -> None:
+                 kind: str | None = None, k_bias: np.ndarray | None = None,
+                 rope: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """``k_bias [n_layer, n_kv*hd]`` and the RoPE tables ``rope = (cos, sin)`` let a quantized cache
+        store keys without their (large) bias and add its share of each score exactly (``kernels.kv``)."""
         self.type = kv_type(kind)
         if n_seq < 1:
             raise QwenliteError(f"the cache needs at least one sequence slot, got {n_seq}")
@@ -71,7 +74,12 @@ class KVCache:
         self.n_layer, self.n_head_kv, self.head_dim = n_layer, n_head_kv, head_dim
         self.n_seq, self.n_ctx = n_seq, n_ctx
         self.lengths = np.zeros(n_seq, np.int64)
-        self.storage = backend.kv_alloc(self.type.name, n_layer, n_seq, n_head_kv, n_ctx, head_dim)
+        if k_bias is None:
+            k_bias = np.zeros((n_layer, n_head_kv * head_dim), np.float32)
+        if rope is None:
+            rope = (np.ones((n_ctx, head_dim // 2), np.float32), np.zeros((n_ctx, head_dim // 2), np.float32))
+        self.storage = backend.kv_alloc(self.type.name, n_layer, n_seq, n_head_kv, n_ctx, head_dim,
+                                        k_bias=np.ascontiguousarray(k_bias, np.float32), rope=rope)
 
     @property
     def bytes_per_token(self) -> int:
