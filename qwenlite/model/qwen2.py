@@ -18,29 +18,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from qwenlite.backends.base import Backend
+from qwenlite.gguf import names as gn
 from qwenlite.kernels.ops import rope_tables
 from qwenlite.model.config import ModelConfig
 from qwenlite.model.ffn import DenseFFN, MoEFFN
 from qwenlite.model.weights import Linear
 from qwenlite.runtime.loader import Loader
-
-# The architecture's tensor names (llama.cpp's), per model and per block ``{i}``.
-TENSORS = {
-    "embed": "token_embd",
-    "out_norm": "output_norm.weight",
-    "output": "output",
-    "attn_norm": "blk.{i}.attn_norm.weight",
-    "q": "blk.{i}.attn_q",
-    "k": "blk.{i}.attn_k",
-    "v": "blk.{i}.attn_v",
-    "o": "blk.{i}.attn_output",
-    "ffn_norm": "blk.{i}.ffn_norm.weight",
-    "gate": "blk.{i}.ffn_gate{sfx}",
-    "up": "blk.{i}.ffn_up{sfx}",
-    "down": "blk.{i}.ffn_down{sfx}",
-    "router": "blk.{i}.ffn_gate_inp",
-    "shared_gate": "blk.{i}.ffn_gate_inp_shexp.weight",
-}
 
 
 @dataclass
@@ -56,8 +39,8 @@ class Block:
     ffn: DenseFFN | MoEFFN
 
 
-def _dense(ld: Loader, i: int, n_embd: int, n_ff: int, sfx: str = "") -> DenseFFN:
-    gate, up, down = (TENSORS[r].format(i=i, sfx=sfx) for r in ("gate", "up", "down"))
+def _dense(ld: Loader, i: int, n_embd: int, n_ff: int, names: tuple[str, str, str] = gn.FFN_DENSE) -> DenseFFN:
+    gate, up, down = (gn.tensor_base(t, i) for t in names)
     stacked = ld.stacked([gate, up], n_embd, n_ff)
     ffn = DenseFFN(n_ff, ld.linear(down, n_ff, n_embd), gate_up=stacked)
     if stacked is None:
@@ -67,36 +50,34 @@ def _dense(ld: Loader, i: int, n_embd: int, n_ff: int, sfx: str = "") -> DenseFF
 
 def _moe(ld: Loader, i: int, cfg: ModelConfig) -> MoEFFN:
     d, e, ff = cfg.n_embd, cfg.n_expert, cfg.n_ff_expert
-    names = {r: TENSORS[r].format(i=i, sfx="_exps") for r in ("gate", "up", "down", "router")}
-    shared = None
-    if ld.has(TENSORS["up"].format(i=i, sfx="_shexp") + ".weight"):
-        shared = _dense(ld, i, d, cfg.n_ff_shared, "_shexp")
-    gate_name = TENSORS["shared_gate"].format(i=i)
+    gate, up, down = (gn.tensor_base(t, i) for t in gn.FFN_EXPS)
+    shared = _dense(ld, i, d, cfg.n_ff_shared, gn.FFN_SHEXP) if ld.has(gn.weight(gn.FFN_UP_SHEXP, i)) else None
+    gate_name = gn.weight(gn.FFN_GATE_INP_SHEXP, i)
     shared_gate = Linear.from_rows(ld.vector(gate_name, d)[None]) if shared and ld.has(gate_name) else None
     return MoEFFN(
         k=cfg.n_expert_used,
         normalize=cfg.expert_weights_norm,
-        router=ld.linear(names["router"], d, e),
-        gate=ld.linear(names["gate"], d, ff, e, experts=True),
-        up=ld.linear(names["up"], d, ff, e, experts=True),
-        down=ld.linear(names["down"], ff, d, e, experts=True),
+        router=ld.linear(gn.tensor_base(gn.FFN_GATE_INP, i), d, e),
+        gate=ld.linear(gate, d, ff, e, experts=True),
+        up=ld.linear(up, d, ff, e, experts=True),
+        down=ld.linear(down, ff, d, e, experts=True),
         shared=shared,
         shared_gate=shared_gate,
     )
 
 
 def load_block(ld: Loader, i: int, cfg: ModelConfig) -> Block:
+    """Block ``i``'s weights, by llama.cpp's tensor names (``gguf.names``)."""
     d = cfg.n_embd
     q, kv = cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.head_dim
-    name = {r: TENSORS[r].format(i=i) for r in ("attn_norm", "q", "k", "v", "o", "ffn_norm", "router")}
-    sparse = cfg.n_expert > 0 and ld.has(name["router"] + ".weight")
+    sparse = cfg.n_expert > 0 and ld.has(gn.weight(gn.FFN_GATE_INP, i))
     return Block(
-        attn_norm=ld.vector(name["attn_norm"], d),
-        wq=ld.linear(name["q"], d, q, bias=True),
-        wk=ld.linear(name["k"], d, kv, bias=True),
-        wv=ld.linear(name["v"], d, kv, bias=True),
-        wo=ld.linear(name["o"], q, d),
-        ffn_norm=ld.vector(name["ffn_norm"], d),
+        attn_norm=ld.vector(gn.weight(gn.ATTN_NORM, i), d),
+        wq=ld.linear(gn.tensor_base(gn.ATTN_Q, i), d, q, bias=True),
+        wk=ld.linear(gn.tensor_base(gn.ATTN_K, i), d, kv, bias=True),
+        wv=ld.linear(gn.tensor_base(gn.ATTN_V, i), d, kv, bias=True),
+        wo=ld.linear(gn.tensor_base(gn.ATTN_OUT, i), q, d),
+        ffn_norm=ld.vector(gn.weight(gn.FFN_NORM, i), d),
         ffn=_moe(ld, i, cfg) if sparse else _dense(ld, i, d, cfg.n_ff),
     )
 
@@ -112,11 +93,11 @@ class Qwen2:
     def __init__(self, ld: Loader, cfg: ModelConfig, n_ctx: int, backend: Backend) -> None:
         self.cfg = cfg
         self.backend = backend
-        tied = not ld.has(TENSORS["output"] + ".weight")
-        self.embed = ld.linear(TENSORS["embed"], cfg.n_embd, cfg.n_vocab, interleave=tied)
+        tied = not ld.has(gn.weight(gn.OUTPUT))
+        self.embed = ld.linear(gn.TOKEN_EMBD, cfg.n_embd, cfg.n_vocab, interleave=tied)
         self.blocks = [load_block(ld, i, cfg) for i in range(cfg.n_layer)]
-        self.out_norm = ld.vector(TENSORS["out_norm"], cfg.n_embd)
-        self.output = self.embed if tied else ld.linear(TENSORS["output"], cfg.n_embd, cfg.n_vocab)
+        self.out_norm = ld.vector(gn.weight(gn.OUTPUT_NORM), cfg.n_embd)
+        self.output = self.embed if tied else ld.linear(gn.OUTPUT, cfg.n_embd, cfg.n_vocab)
         self.cos, self.sin = rope_tables(n_ctx, cfg.head_dim, cfg.rope_base, cfg.rope_scaling, cfg.rope_factor,
                                          cfg.rope_orig_ctx)
 
