@@ -14,10 +14,12 @@ JOBS     ?= 2
 PEER_CMAKE_ARGS := -DGGML_NATIVE=ON -DCMAKE_BUILD_TYPE=Release -DLLAVA_BUILD=OFF \
 	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF
 BENCH_ARGS   ?=
+BATCH_ARGS   ?=
+KV_ARGS      ?=
 CONVERT_ARGS ?=
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: install test test-peer lint peer peer-build peer-src bench bench-venv bench-convert clean
+.PHONY: install test test-peer lint peer peer-build peer-src bench bench-batch bench-kv bench-venv bench-convert clean
 
 # Editable install of qwenlite with the test extras.
 install:
@@ -60,6 +62,15 @@ peer-src: $(SDIST)
 # qwenlite vs llama.cpp throughput, TTFT, RSS, bandwidth -> BENCHMARKS.md (extra GGUFs: BENCH_ARGS=...).
 bench: peer bench-venv
 	QWENLITE_BENCH_EXE=$(CURDIR)/$(BENCH_VENV)/bin/qwenlite $(PYTHON) -m benchmarks.bench_side_by_side $(BENCH_ARGS)
+
+# Batched decode (B sequences per step), qwenlite vs llama.cpp's batch API -> BENCHMARKS.md
+# (e.g. BATCH_ARGS="-n 64 -r 3 -b 1,2,4,8").
+bench-batch: peer bench-venv
+	QWENLITE_BENCH_EXE=$(CURDIR)/$(BENCH_VENV)/bin/qwenlite $(PYTHON) -m benchmarks.bench_batch $(BATCH_ARGS)
+
+# Peak RSS per KV cache type (f32, f16, q8_0) at a 32k context, qwenlite vs llama.cpp -> BENCHMARKS.md.
+bench-kv: peer bench-venv
+	QWENLITE_BENCH_EXE=$(CURDIR)/$(BENCH_VENV)/bin/qwenlite $(PYTHON) -m benchmarks.kv_memory $(KV_ARGS)
 
 # qwenlite installed the README's way (`pip install -e .`, no test extras) in its own environment, so
 # the benchmarks run with exactly the package's dependencies.

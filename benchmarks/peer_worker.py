@@ -5,7 +5,8 @@ directory; the answer goes to ``out/result.json`` (arrays as ``.npy`` files list
 ``"arrays"``). Only this file imports ``llama_cpp``: the main test interpreter does not have it, and
 one process per request keeps llama.cpp's state (and its stderr chatter) away from the caller.
 
-Ops: ``tokenize``, ``greedy``, ``logits``, ``bench``, ``quantize_model``.
+Ops: ``tokenize``, ``greedy``, ``logits``, ``bench``, ``batched_bench``, ``kv_memory``,
+``quantize_model``.
 """
 
 from __future__ import annotations
@@ -115,6 +116,163 @@ def op_bench(req: dict[str, Any]) -> dict[str, Any]:
     return {"pp_tps": pp, "tg_tps": tg}
 
 
+FLASH_ATTN = {
+    "auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
+    "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+    "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+}
+
+
+def _argmax_ith(ctx: llama_cpp.llama_context_p, i: int, n_vocab: int) -> int:
+    """Greedy pick from the logits of batch row ``i`` (a row whose ``logits`` flag was set)."""
+    ptr = llama_cpp.llama_get_logits_ith(ctx, i)
+    if not ptr:
+        raise RuntimeError(f"llama_get_logits_ith({i}) returned NULL")
+    return int(np.argmax(np.ctypeslib.as_array(ptr, shape=(n_vocab,))))
+
+
+def _fill(batch: llama_cpp.llama_batch, rows: list[tuple[int, int, int, bool]]) -> None:
+    """Write ``(token, position, sequence id, logits?)`` rows into ``batch`` (one sequence id each)."""
+    for k, (tok, pos, seq, want) in enumerate(rows):
+        batch.token[k] = tok
+        batch.pos[k] = pos
+        batch.n_seq_id[k] = 1
+        batch.seq_id[k][0] = seq
+        batch.logits[k] = 1 if want else 0
+    batch.n_tokens = len(rows)
+
+
+def _decode(ctx: llama_cpp.llama_context_p, batch: llama_cpp.llama_batch) -> None:
+    rc = llama_cpp.llama_decode(ctx, batch)
+    if rc != 0:
+        raise RuntimeError(f"llama_decode returned {rc}")
+
+
+def _batched_run(ctx: llama_cpp.llama_context_p, batch: llama_cpp.llama_batch,
+                 prompts: list[list[int]], n_gen: int, n_vocab: int) -> tuple[float, float, list[int]]:
+    """Empty the cache, prefill every prompt in one batch (each in its own sequence), then ``n_gen``
+    steps of one batch holding the next token of every sequence. Returns (prefill seconds, decode
+    seconds, the tokens sequence 0 generated)."""
+    n_seq, n_prompt = len(prompts), len(prompts[0])
+    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+    _fill(batch, [(tok, i, s, i == n_prompt - 1) for s, p in enumerate(prompts) for i, tok in enumerate(p)])
+    t0 = time.perf_counter()
+    _decode(ctx, batch)
+    nxt = [_argmax_ith(ctx, s * n_prompt + n_prompt - 1, n_vocab) for s in range(n_seq)]
+    llama_cpp.llama_synchronize(ctx)
+    t1 = time.perf_counter()
+    out = [nxt[0]]
+    for step in range(n_gen):
+        _fill(batch, [(nxt[s], n_prompt + step, s, True) for s in range(n_seq)])
+        _decode(ctx, batch)
+        nxt = [_argmax_ith(ctx, s, n_vocab) for s in range(n_seq)]
+        out.append(nxt[0])
+    llama_cpp.llama_synchronize(ctx)
+    return t1 - t0, time.perf_counter() - t1, out[:n_gen]
+
+
+def op_batched_bench(req: dict[str, Any]) -> dict[str, Any]:
+    """Batched decoding through llama-cpp-python's low-level batch API (``llama_batch_init`` /
+    ``llama_decode`` / ``llama_get_logits_ith`` / ``llama_memory_clear``), not the
+    ``llama-batched-bench`` binary, which this build does not have; the figure mirrors that tool's
+    S_TG (aggregate text-generation speed of B parallel sequences).
+
+    For each B in ``batch_sizes``: a fresh context with ``n_seq_max = B``, room for B x (prompt +
+    gen) tokens and a batch that takes all prompts at once. B distinct pseudo-random prompts of
+    ``n_prompt`` tokens are prefilled together (sequence ids 0..B-1, logits only at each prompt's
+    last token), then ``n_gen`` decode steps each run one ``llama_batch`` of B tokens (sequence s,
+    its next position, logits on) and pick each sequence's next token greedily from its row.
+    Aggregate decode speed = B x n_gen / decode time (prefill excluded, greedy picking included).
+    One untimed warm-up run per context, then ``reps`` timed runs, each from an empty cache.
+    ``kv_unified`` (default off, llama-batched-bench's default) selects one KV buffer shared by all
+    sequences instead of one stream per sequence; ``flash_attn`` is auto / on / off.
+    """
+    sizes = [int(b) for b in req.get("batch_sizes", [1, 2, 4, 8])]
+    n_prompt, n_gen = int(req.get("n_prompt", 16)), int(req["n_gen"])
+    reps, threads = int(req.get("reps", 1)), int(req.get("n_threads", 2))
+    if n_prompt < 1 or n_gen < 1 or reps < 1 or min(sizes) < 1:
+        raise ValueError("batched_bench needs n_prompt, n_gen, reps and every batch size >= 1")
+    llama_cpp.llama_backend_init()
+    mparams = llama_cpp.llama_model_default_params()
+    model = llama_cpp.llama_model_load_from_file(req["model"].encode(), mparams)
+    if not model:
+        raise RuntimeError(f"could not load {req['model']}")
+    n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
+    # Prompt s is the same for every B, so sequence 0 generates the same tokens at every B.
+    prompts_all = [[int(t) for t in np.random.default_rng(1234 + s).integers(0, 32000, size=n_prompt)]
+                   for s in range(max(sizes))]
+    results = []
+    try:
+        for n_seq in sizes:
+            prompts = prompts_all[:n_seq]
+            cparams = llama_cpp.llama_context_default_params()
+            cparams.n_ctx = n_seq * _ctx_for(n_prompt + n_gen)
+            cparams.n_batch = cparams.n_ubatch = max(n_seq * n_prompt, n_seq)
+            cparams.n_seq_max = n_seq
+            cparams.n_threads = cparams.n_threads_batch = threads
+            cparams.kv_unified = bool(req.get("kv_unified", False))
+            cparams.flash_attn_type = FLASH_ATTN[req.get("flash_attn", "auto")]
+            cparams.no_perf = True
+            ctx = llama_cpp.llama_init_from_model(model, cparams)
+            if not ctx:
+                raise RuntimeError(f"could not create a context for {n_seq} sequences")
+            batch = llama_cpp.llama_batch_init(cparams.n_batch, 0, 1)
+            try:
+                _batched_run(ctx, batch, prompts, min(n_gen, 2), n_vocab)
+                pp, tg, tokens = [], [], []
+                for _ in range(reps):
+                    t_pp, t_tg, tokens = _batched_run(ctx, batch, prompts, n_gen, n_vocab)
+                    pp.append(n_seq * n_prompt / t_pp)
+                    tg.append(n_seq * n_gen / t_tg)
+            finally:
+                llama_cpp.llama_batch_free(batch)
+                llama_cpp.llama_free(ctx)
+            results.append({"n_seq": n_seq, "tg_tps": tg, "pp_tps": pp, "tokens0": tokens,
+                            "n_ctx": int(cparams.n_ctx)})
+    finally:
+        llama_cpp.llama_model_free(model)
+    return {"batch": results, "n_prompt": n_prompt, "n_gen": n_gen, "n_threads": threads,
+            "kv_unified": bool(req.get("kv_unified", False)), "flash_attn": req.get("flash_attn", "auto")}
+
+
+def _vm_hwm() -> int:
+    """This process's peak resident set (VmHWM of /proc/self/status) in bytes, 0 where absent."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def op_kv_memory(req: dict[str, Any]) -> dict[str, Any]:
+    """Load with a context of ``n_ctx`` and K/V cache types ``type_k`` / ``type_v`` (GGML type ids:
+    0 f32, 1 f16, 8 q8_0; a quantized V cache needs ``flash_attn``), evaluate ``ids`` (batches of
+    ``n_batch``), decode ``n_decode`` greedy tokens. The caller reads the peak RSS from the process's
+    rusage; this reports the timings and its own VmHWM."""
+    ids, n_decode = [int(t) for t in req["ids"]], int(req.get("n_decode", 4))
+    n_batch = int(req.get("n_batch", 512))
+    t0 = time.perf_counter()
+    llm = llama_cpp.Llama(
+        model_path=req["model"], n_ctx=int(req["n_ctx"]), n_batch=n_batch, n_ubatch=n_batch,
+        n_threads=int(req.get("n_threads", 2)), n_threads_batch=int(req.get("n_threads", 2)),
+        type_k=int(req["type_k"]), type_v=int(req["type_v"]), flash_attn=bool(req.get("flash_attn", False)),
+        verbose=False,
+    )
+    t1 = time.perf_counter()
+    llm.eval(ids)
+    t2 = time.perf_counter()
+    out = []
+    for _ in range(n_decode):
+        tok = int(np.argmax(_last_logits(llm)))
+        out.append(tok)
+        llm.eval([tok])
+    t3 = time.perf_counter()
+    return {"load_s": t1 - t0, "prefill_s": t2 - t1, "decode_s": t3 - t2, "tokens": out,
+            "n_ctx": int(llama_cpp.llama_n_ctx(llm.ctx)), "vm_hwm": _vm_hwm()}
+
+
 def op_quantize_model(req: dict[str, Any]) -> dict[str, Any]:
     """llama_model_quantize (what llama-quantize calls) to the file type named in ``ftype``."""
     params = llama_cpp.llama_model_quantize_default_params()
@@ -132,6 +290,8 @@ OPS = {
     "greedy": op_greedy,
     "logits": op_logits,
     "bench": op_bench,
+    "batched_bench": op_batched_bench,
+    "kv_memory": op_kv_memory,
     "quantize_model": op_quantize_model,
 }
 
