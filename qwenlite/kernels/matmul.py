@@ -225,6 +225,54 @@ def _groups_one_token(qtype, w8, a, d, s, nb, o, g0, g1):
             q5_1.dot_rows_x8(w8[g], (a,), (d,), (s,), nb, (o,), 8 * g)
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def _groups_four_tokens(qtype, w8, a, d, s, nb, o, g0, g1):
+    """``_groups_one_token`` for four activation rows (tuples of 4): the decode step of four
+    sequences, whose weights are read once for all four. Same per-row arithmetic as every other
+    path (the x8 kernels compute each activation row on its own), format test outside the loop."""
+    if qtype == _Q4_K:
+        for g in range(g0, g1):
+            q4_k.dot_rows_x8(w8[g], a, d, s, nb, o, 8 * g)
+    elif qtype == _Q6_K:
+        for g in range(g0, g1):
+            q6_k.dot_rows_x8(w8[g], a, d, s, nb, o, 8 * g)
+    elif qtype == _Q5_K:
+        for g in range(g0, g1):
+            q5_k.dot_rows_x8(w8[g], a, d, s, nb, o, 8 * g)
+    elif qtype == _Q5_0:
+        for g in range(g0, g1):
+            q5_0.dot_rows_x8(w8[g], a, d, s, nb, o, 8 * g)
+    elif qtype == _Q8_0:
+        for g in range(g0, g1):
+            q8_0.dot_rows_x8(w8[g], a, d, s, nb, o, 8 * g)
+    elif qtype == _Q4_0:
+        for g in range(g0, g1):
+            q4_0.dot_rows_x8(w8[g], a, d, s, nb, o, 8 * g)
+    elif qtype == _Q5_1:
+        for g in range(g0, g1):
+            q5_1.dot_rows_x8(w8[g], a, d, s, nb, o, 8 * g)
+
+
+# Up to this many activation rows (a batched decode step), _matmul_x8 runs the format-pure group loops
+# per token quad instead of the dispatching tile loop: 4 sequences decode that way about 20% faster.
+_FEW_TOKENS = 16
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _few_tokens(qtype, w8, aq, ad, asum, nb, out, g0, g1):
+    T = aq.shape[0]
+    t = 0
+    while t + 4 <= T:
+        _groups_four_tokens(qtype, w8, (aq[t], aq[t + 1], aq[t + 2], aq[t + 3]),
+                            (ad[t], ad[t + 1], ad[t + 2], ad[t + 3]),
+                            (asum[t], asum[t + 1], asum[t + 2], asum[t + 3]), nb,
+                            (out[t], out[t + 1], out[t + 2], out[t + 3]), g0, g1)
+        t += 4
+    while t < T:
+        _groups_one_token(qtype, w8, aq[t], ad[t], asum[t], nb, out[t], g0, g1)
+        t += 1
+
+
 @njit(cache=True, error_model="numpy", parallel=True)
 def _matmul_x8(w8, qtype, act_k, x, out):
     """``_matmul_int`` for interleaved weights: the same activation rows, parallel over chunks of row
@@ -241,6 +289,13 @@ def _matmul_x8(w8, qtype, act_k, x, out):
             for c in prange(n_chunks):
                 g0 = c * _GROUP_CHUNK
                 _groups_one_token(qtype, w8, aq[0], ad[0], asum[0], nb, out[0], g0, min(G, g0 + _GROUP_CHUNK))
+    elif x.shape[0] <= _FEW_TOKENS:
+        if serial:
+            _few_tokens(qtype, w8, aq, ad, asum, nb, out, 0, G)
+        else:
+            for c in prange(n_chunks):
+                g0 = c * _GROUP_CHUNK
+                _few_tokens(qtype, w8, aq, ad, asum, nb, out, g0, min(G, g0 + _GROUP_CHUNK))
     elif serial:
         for c in range(n_chunks):
             _chunk_x8(qtype, w8, aq, ad, asum, nb, out, c)
