@@ -199,37 +199,17 @@ def _chunk_x8(qtype, w8, aq, ad, asum, nb, out, c):
 
 @njit(cache=True, error_model="numpy", inline="always")
 def _groups_one_token(qtype, w8, a, d, s, nb, o, g0, g1):
-    """Groups ``g0:g1`` against one activation row. The format test sits outside the group loop, so
-    the loop body is a single format's kernel: LLVM schedules that about 20% faster than the
-    per-group dispatch of ``_chunk_x8`` (measured on Q4_K decode, 2 threads)."""
-    if qtype == _Q4_K:
-        for g in range(g0, g1):
-            q4_k.dot_rows_x8(w8[g], (a,), (d,), (s,), nb, (o,), 8 * g)
-    elif qtype == _Q6_K:
-        for g in range(g0, g1):
-            q6_k.dot_rows_x8(w8[g], (a,), (d,), (s,), nb, (o,), 8 * g)
-    elif qtype == _Q5_K:
-        for g in range(g0, g1):
-            q5_k.dot_rows_x8(w8[g], (a,), (d,), (s,), nb, (o,), 8 * g)
-    elif qtype == _Q5_0:
-        for g in range(g0, g1):
-            q5_0.dot_rows_x8(w8[g], (a,), (d,), (s,), nb, (o,), 8 * g)
-    elif qtype == _Q8_0:
-        for g in range(g0, g1):
-            q8_0.dot_rows_x8(w8[g], (a,), (d,), (s,), nb, (o,), 8 * g)
-    elif qtype == _Q4_0:
-        for g in range(g0, g1):
-            q4_0.dot_rows_x8(w8[g], (a,), (d,), (s,), nb, (o,), 8 * g)
-    elif qtype == _Q5_1:
-        for g in range(g0, g1):
-            q5_1.dot_rows_x8(w8[g], (a,), (d,), (s,), nb, (o,), 8 * g)
+    """Groups ``g0:g1`` against one activation row (``_groups`` with 1-tuples)."""
+    _groups(qtype, w8, (a,), (d,), (s,), nb, (o,), g0, g1)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _groups_four_tokens(qtype, w8, a, d, s, nb, o, g0, g1):
-    """``_groups_one_token`` for four activation rows (tuples of 4): the decode step of four
-    sequences, whose weights are read once for all four. Same per-row arithmetic as every other
-    path (the x8 kernels compute each activation row on its own), format test outside the loop."""
+def _groups(qtype, w8, a, d, s, nb, o, g0, g1):
+    """Groups ``g0:g1`` against the activation rows of the tuples ``a, d, s`` (1 or 4 rows; outputs
+    ``o``). The format test sits outside the group loop, so the loop body is a single format's
+    kernel: LLVM schedules that about 20% faster than the per-group dispatch of ``_chunk_x8``
+    (measured on Q4_K decode, 2 threads). With 4 rows (a decode step of four sequences) each weight
+    block is read once for all four; every row's arithmetic is the same as alone."""
     if qtype == _Q4_K:
         for g in range(g0, g1):
             q4_k.dot_rows_x8(w8[g], a, d, s, nb, o, 8 * g)
@@ -263,10 +243,9 @@ def _few_tokens(qtype, w8, aq, ad, asum, nb, out, g0, g1):
     T = aq.shape[0]
     t = 0
     while t + 4 <= T:
-        _groups_four_tokens(qtype, w8, (aq[t], aq[t + 1], aq[t + 2], aq[t + 3]),
-                            (ad[t], ad[t + 1], ad[t + 2], ad[t + 3]),
-                            (asum[t], asum[t + 1], asum[t + 2], asum[t + 3]), nb,
-                            (out[t], out[t + 1], out[t + 2], out[t + 3]), g0, g1)
+        _groups(qtype, w8, (aq[t], aq[t + 1], aq[t + 2], aq[t + 3]), (ad[t], ad[t + 1], ad[t + 2], ad[t + 3]),
+                (asum[t], asum[t + 1], asum[t + 2], asum[t + 3]), nb, (out[t], out[t + 1], out[t + 2], out[t + 3]),
+                g0, g1)
         t += 4
     while t < T:
         _groups_one_token(qtype, w8, aq[t], ad[t], asum[t], nb, out[t], g0, g1)
