@@ -150,7 +150,8 @@ def render(name: str, shape: tuple[int, int, int], file_mb: float, rows: dict[st
         machine_summary(),
         "",
         f"{name} ({file_mb:.0f} MB file; {n_layer} layers x {n_kv} KV heads x head size {head_dim}), context "
-        f"n_ctx = {args.n_ctx}, one fresh process per row: load, a prompt of {len(prompt_ids(args.n_prompt))} "
+        f"n_ctx = {args.n_ctx}, one fresh process per row (qwenlite's after an untimed small run of the same type, "
+        f"which leaves the Numba cache current): load, a prompt of {args.n_prompt} "
         f"pseudo-random tokens, {args.n_decode} greedy decode steps, {args.threads} threads. Peak RSS = the "
         "child's `ru_maxrss` (`os.wait4`); VmHWM = the child's own high-water mark (they agree unless the "
         "parent was larger). KV bytes / token = 2 x layers x KV heads x head size x bytes per element "
@@ -200,6 +201,7 @@ def main() -> None:
     ap.add_argument("--flash-attn", choices=("needed", "on", "off"), default="on",
                     help="llama.cpp flash attention: on, off, or only where the cache type needs it")
     ap.add_argument("--sides", default=",".join(SIDES))
+    ap.add_argument("--no-warmup", action="store_true", help="skip the small qwenlite run before each type")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     if args.child:
@@ -229,6 +231,14 @@ def main() -> None:
     errors: list[str] = []
     for kind in args.types.split(","):
         rows[kind] = {}
+        if "qwenlite" in sides and not args.no_warmup:
+            # A small untimed run first, so a stale Numba cache is rebuilt there: compiling in the measured
+            # process adds hundreds of MB of LLVM memory to its peak.
+            small = argparse.Namespace(**{**vars(args), "n_ctx": 512, "n_decode": 2})
+            try:
+                measure_qwenlite(path, kind, ids[:300], small)
+            except (RuntimeError, OSError, ValueError, KeyError) as exc:
+                print(f"{kind:5s} qwenlite  warm-up failed: {str(exc)[-300:]}", flush=True)
         for side in sides:
             try:
                 rows[kind][side] = res = measurers[side](path, kind, ids, args)
