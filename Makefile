@@ -19,7 +19,7 @@ KV_ARGS      ?=
 CONVERT_ARGS ?=
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: install test test-peer lint peer peer-build peer-src bench bench-batch bench-kv bench-venv bench-convert clean
+.PHONY: install test test-peer lint peer peer-build peer-src peer-server bench bench-batch bench-kv bench-serve bench-venv bench-convert clean
 
 # Editable install of qwenlite with the test extras.
 install:
@@ -76,6 +76,25 @@ bench-kv: peer bench-venv
 # the benchmarks run with exactly the package's dependencies.
 bench-venv:
 	@test -x $(BENCH_VENV)/bin/qwenlite || { $(PYTHON) -m venv $(BENCH_VENV) && $(BENCH_VENV)/bin/pip install -q -e .; }
+
+# llama.cpp's llama-server from the same pinned sources (the `make bench-serve` baseline), built in
+# .peer/server-build (~15-30 min on 2 cores; log in .peer/server-build.log). No web UI assets (they would
+# be downloaded), no TLS.
+PEER_SERVER := $(PEER)/server-build/bin/llama-server
+peer-server: peer-src
+	@test -x $(PEER_SERVER) || { set -e; echo "building llama-server (tail -f $(PEER)/server-build.log)"; \
+	cmake -S $(PEER)/llama.cpp-src -B $(PEER)/server-build -DGGML_NATIVE=ON -DCMAKE_BUILD_TYPE=Release \
+		-DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF \
+		-DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF > $(PEER)/server-build.log 2>&1; \
+	nice -n 10 cmake --build $(PEER)/server-build --target llama-server -j $(JOBS) >> $(PEER)/server-build.log 2>&1; }
+	@echo "llama-server ready: $(PEER_SERVER)"
+
+# Served throughput and TTFT, `qwenlite serve --parallel 4` vs `llama-server --parallel 4`, streaming
+# clients at concurrency 1/4/8 -> BENCHMARKS.md (e.g. SERVE_ARGS="--models 0.5b").
+SERVE_ARGS ?=
+bench-serve: peer-server bench-venv
+	QWENLITE_BENCH_EXE=$(CURDIR)/$(BENCH_VENV)/bin/qwenlite LLAMA_SERVER=$(CURDIR)/$(PEER_SERVER) \
+		$(PYTHON) -m benchmarks.bench_serve $(SERVE_ARGS)
 
 # Converter speed, qwenlite vs llama.cpp, HF -> Q4_K_M -> BENCHMARKS.md.
 bench-convert: peer

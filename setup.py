@@ -25,6 +25,6 @@ def packages() -> list[str]:
 setup(
     packages=packages(),
     package_dir=MAPPED,
-    package_data={"qwenlite": ["py.typed"], "qwenlite.models_data": ["manifest.json"]},
+    package_data={"qwenlite": ["py.typed"], "qwenlite.server": ["page.html"], "qwenlite.models_data": ["manifest.json"]},
     include_package_data=False,
 )

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
-__all__ = ["GGUFError", "Model", "QwenliteError", "__version__", "load"]
+__all__ = ["GGUFError", "Model", "QwenliteError", "__version__", "load", "serve"]
 
 
 def __getattr__(name: str) -> Any:
@@ -31,4 +31,8 @@ def __getattr__(name: str) -> Any:
         from qwenlite import api
 
         return getattr(api, name)
+    if name == "serve":
+        from qwenlite.server import serve
+
+        return serve
     raise AttributeError(f"module 'qwenlite' has no attribute {name!r}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,7 +22,7 @@ import numba
 import numpy as np
 
 from qwenlite.backends import get_backend
-from qwenlite.chat.generate import Generation, TextStream
+from qwenlite.chat.generate import Generation
 from qwenlite.chat.sampler import Sampler, SamplerConfig
 from qwenlite.chat.session import common_prefix
 from qwenlite.chat.template import ChatTemplate
@@ -33,6 +33,7 @@ from qwenlite.model.qwen2 import Qwen2
 from qwenlite.runtime.engine import DEFAULT_N_BATCH, Engine
 from qwenlite.runtime.kvcache import kv_type
 from qwenlite.runtime.loader import Loader, LoadPolicy
+from qwenlite.runtime.scheduler import Request, Scheduler, Update
 from qwenlite.tokenizer import Tokenizer
 
 DEFAULT_N_CTX = 4096
@@ -305,9 +306,39 @@ class Model:
             seeds = list(seed)
             if len(seeds) != len(lists):
                 raise QwenliteError(f"{len(seeds)} seeds for {len(lists)} prompts")
-        cfgs = [SamplerConfig(temperature, top_k, top_p, min_p, repeat_penalty, seed=s) for s in seeds]
+        results = [""] * len(lists)
+
+        def collect(i: int) -> Callable[[Update], None]:
+            def emit(u: Update) -> None:
+                if u.result is not None:
+                    results[i] = u.result.text
+            return emit
+
+        reqs = [Request(ids, max_tokens, SamplerConfig(temperature, top_k, top_p, min_p, repeat_penalty, seed=s),
+                        tuple(stop), emit=collect(i)) for i, (ids, s) in enumerate(zip(lists, seeds))]
         with self._exclusive():
-            return _BatchRun(self, lists, max_tokens, cfgs, tuple(stop)).run()
+            self.runtime.clear()
+            try:
+                Scheduler(self.runtime, self.tokenizer).run_until_idle(reqs)
+            finally:
+                self.runtime.clear()
+        return results
+
+    def scheduler(self, max_queue: int = 64, n_batch: int | None = None) -> Scheduler:
+        """A continuous-batching scheduler over this model's ``n_seq`` slots (what ``qwenlite serve``
+        runs). Once ``start()``-ed it owns the model until ``close()``: other calls on the model wait.
+        ``submit(Request(...))`` from any thread; text pieces and the ``Result`` arrive through the
+        request's ``emit`` callback. Slots keep their cache between requests (prefix reuse)."""
+        return Scheduler(self.runtime, self.tokenizer, max_queue=max_queue, n_batch=n_batch, hold=self._exclusive)
+
+    def warmup(self) -> None:
+        """Compile (or load from Numba's disk cache) every kernel a generation runs: prefill (4-token
+        tiles and a remainder), single-sequence decode and batched decode. Leaves the cache empty."""
+        ids = [t % self.config.n_vocab for t in range(1000, 1006)]
+        self.generate(ids, max_tokens=3)
+        self.generate_batch([ids[:2], ids[2:3]], max_tokens=2)
+        with self._exclusive():
+            self.runtime.clear()
 
     def close(self) -> None:
         self.file.close()
@@ -317,67 +348,6 @@ class Model:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class _Seq:
-    """One prompt of a batch run while it holds a slot."""
-
-    def __init__(self, index: int, slot: int, ids: list[int], sampler: Sampler, stream: TextStream) -> None:
-        self.index, self.slot, self.sampler, self.stream = index, slot, sampler, stream
-        self.history = list(ids)
-        self.feed = list(ids)  # tokens to evaluate in the next step
-        self.n_gen = 0
-        self.text: list[str] = []
-
-
-class _BatchRun:
-    """The continuous-batching loop of ``generate_batch``."""
-
-    def __init__(self, model: Model, lists: list[list[int]], max_tokens: int, cfgs: list[SamplerConfig],
-                 stop: tuple[str, ...]) -> None:
-        self.m, self.lists, self.max_tokens, self.cfgs, self.stop = model, lists, max_tokens, cfgs, stop
-        self.results = [""] * len(lists)
-
-    def _admit(self, index: int, slot: int) -> _Seq:
-        m = self.m
-        return _Seq(index, slot, self.lists[index], Sampler(self.cfgs[index]), TextStream(m.tokenizer, None, self.stop))
-
-    def _finish(self, s: _Seq) -> None:
-        s.text.append(s.stream.flush())
-        self.results[s.index] = "".join(s.text)
-
-    def run(self) -> list[str]:
-        eng = self.m.runtime
-        eng.clear()
-        queue = list(range(len(self.lists)))
-        if self.max_tokens == 0:
-            return self.results
-        free = list(range(eng.n_seq))
-        active: list[_Seq] = []
-        try:
-            while queue or active:
-                while queue and free:
-                    active.append(self._admit(queue.pop(0), free.pop(0)))
-                ids = [t for s in active for t in s.feed]
-                seq = [s.slot for s in active for _ in s.feed]
-                logits = eng.decode(ids, seq)  # the last token of each sequence, in batch order
-                still: list[_Seq] = []
-                for s, row in zip(active, logits):
-                    tok = s.sampler.sample(row, s.history)
-                    s.text.append(s.stream.push(tok))
-                    s.n_gen += 1
-                    s.history.append(tok)
-                    s.feed = [tok]
-                    if s.stream.stopped or s.n_gen >= self.max_tokens or eng.length(s.slot) >= eng.n_ctx:
-                        self._finish(s)
-                        eng.clear(s.slot)
-                        free.append(s.slot)
-                    else:
-                        still.append(s)
-                active = still
-        finally:
-            eng.clear()
-        return self.results
 
 
 def _kv_name(name: str | None) -> str:

@@ -1,4 +1,4 @@
-"""The ``qwenlite`` command line: run / chat / info / pull / warmup / bench / convert / quantize.
+"""The ``qwenlite`` command line: run / chat / serve / info / pull / warmup / bench / convert / quantize.
 
 Conventions every subcommand keeps: stdout carries only the product (generated text, JSON, the info
 report); status goes to stderr. Any ``QwenliteError`` becomes one ``error: ...`` line on stderr and exit
@@ -210,8 +210,7 @@ def cmd_warmup(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model = _load(args)
     loaded = time.perf_counter()
-    model.generate(list(range(1000, 1006)), max_tokens=3)  # prefill: 4-token tiles and a remainder; decode
-    model.generate_batch([[1000, 1001], [1002]], max_tokens=2)  # batched decode
+    model.warmup()
     done = time.perf_counter()
     print(f"warm: load {loaded - start:.1f} s, kernels {done - loaded:.1f} s", file=sys.stderr)
     return 0
@@ -267,6 +266,24 @@ def _batch_sizes(text: str | None) -> list[int]:
     if not sizes or min(sizes) < 1 or max(sizes) > 256:
         raise QwenliteError(f"--batch sizes must be 1..256, got {text!r}")
     return sizes
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The OpenAI-compatible server; the model loads and compiles before the port opens."""
+    from qwenlite.server import _require, serve
+
+    _require()  # before the model loads: a missing extra is a one-line error, not a minute's wait
+    if args.threads is not None and args.threads < 1:
+        raise QwenliteError(f"-t/--threads must be >= 1, got {args.threads}")
+    if args.ctx_size is not None and args.ctx_size < 1:
+        raise QwenliteError(f"-c/--ctx-size must be >= 1, got {args.ctx_size}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise QwenliteError(f"-b/--batch-size must be >= 1, got {args.batch_size}")
+    serve(hub.resolve_model(args.model), host=args.host, port=args.port, parallel=args.parallel,
+          n_ctx=args.ctx_size, threads=args.threads, kv_type=_kv_type(args), api_key=args.api_key,
+          queue=args.queue, cors_origin=args.cors_origin, max_body=args.max_body, n_batch=args.batch_size,
+          alias=args.alias, log_level=args.log_level)
+    return 0
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -352,6 +369,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", default=None, metavar="B,B,...",
                    help="aggregate decode tok/s of B sequences decoding together, e.g. 1,2,4,8 (key 'batch')")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and a chat page")
+    _add_model(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8080, help="TCP port (default 8080)")
+    p.add_argument("-np", "--parallel", type=int, default=4, help="sequence slots decoded together (default 4)")
+    p.add_argument("--api-key", default=os.environ.get("QWENLITE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $QWENLITE_API_KEY, else none)")
+    p.add_argument("--queue", type=int, default=64, help="requests that may wait for a slot; more get 503")
+    p.add_argument("--cors-origin", default=None, metavar="ORIGIN", help="allow this browser origin (CORS off)")
+    p.add_argument("--max-body", type=int, default=4 << 20, metavar="BYTES", help="request body limit (413)")
+    p.add_argument("-b", "--batch-size", type=int, default=None, help="tokens per forward pass (default 256)")
+    p.add_argument("-a", "--alias", default=None, help="model name in the API (default: the file's stem)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn log level (info logs each request)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("convert", help="Hugging Face checkpoint directory -> GGUF")
     p.add_argument("hf_dir", help="directory with config.json and *.safetensors")

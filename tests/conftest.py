@@ -47,3 +47,38 @@ def hf_model(hf_reference_dir: Path):  # noqa: ANN201
     from hf_reference import load_hf_model
 
     return load_hf_model(hf_reference_dir)
+
+
+SERVE_KEY = "test-key-123"
+
+
+@pytest.fixture(scope="session")
+def served(real_model_path: Path):  # noqa: ANN201
+    """A real `qwenlite serve` (uvicorn + Starlette) on 127.0.0.1 with the real 0.5B model: 4 slots of
+    1024 tokens, a queue of 8, an API key. Yields (base_url, app); stops the server afterwards."""
+    pytest.importorskip("uvicorn")
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from qwenlite.server import create_app, load_for_serving
+
+    model = load_for_serving(real_model_path, parallel=4, n_ctx=1024, threads=2)
+    app = create_app(model, api_key=SERVE_KEY, queue=8, max_body=64 * 1024)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", app
+    server.should_exit = True
+    thread.join(timeout=30)
+    sock.close()

@@ -132,3 +132,23 @@ def test_seed_reproducibility() -> None:
 def test_bad_config_is_a_user_error(kwargs: dict) -> None:
     with pytest.raises(QwenliteError):
         SamplerConfig(**kwargs)
+
+
+def test_presence_and_frequency_penalties_follow_openai_formula() -> None:
+    """logit -= presence * [seen] + frequency * count, over the recent window only."""
+    logits = np.array([5.0, 4.0, 3.0, 0.0], np.float32)
+    cfg = SamplerConfig(temperature=0.0, presence_penalty=0.5, frequency_penalty=0.25, repeat_last_n=3)
+    out = Sampler(cfg)._penalized(logits, [2, 0, 0, 1])  # window [0, 0, 1]: token 2 fell out of it
+    np.testing.assert_array_equal(out, np.array([5.0 - 0.5 - 0.5, 4.0 - 0.5 - 0.25, 3.0, 0.0], np.float32))
+    strong = SamplerConfig(temperature=0.0, presence_penalty=0.5, frequency_penalty=1.0, repeat_last_n=3)
+    assert Sampler(strong).sample(logits, [2, 0, 0, 1]) == 2  # 3.0 (outside the window) beats 2.5 and 2.5
+    with pytest.raises(QwenliteError, match="presence penalty"):
+        SamplerConfig(presence_penalty=2.5)
+
+
+def test_logit_bias_bans_and_boosts_tokens() -> None:
+    logits = np.array([5.0, 4.0, 3.0], np.float32)
+    assert Sampler(SamplerConfig(temperature=0.0, logit_bias=((0, -np.inf),))).sample(logits) == 1
+    assert Sampler(SamplerConfig(temperature=0.0, logit_bias=((2, 2.5),))).sample(logits) == 2
+    with pytest.raises(QwenliteError, match="out of range"):
+        Sampler(SamplerConfig(temperature=0.0, logit_bias=((7, 1.0),))).sample(logits)

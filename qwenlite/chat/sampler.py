@@ -1,6 +1,7 @@
 """Token sampling with llama.cpp's semantics and order.
 
-The chain is: repetition penalty -> top-k -> top-p -> min-p -> temperature -> draw. Like llama.cpp,
+The chain is: logit bias -> repetition penalty -> presence / frequency penalties -> top-k -> top-p ->
+min-p -> temperature -> draw. Like llama.cpp,
 the truncation filters look at the *untempered* distribution and temperature only reshapes what
 survives, so changing the temperature never changes which tokens are allowed. Temperature <= 0 means
 greedy: the argmax of the penalized logits, with no randomness at all.
@@ -30,6 +31,12 @@ class SamplerConfig:
     repeat_penalty: float = 1.0
     repeat_last_n: int = 64
     seed: int | None = None
+    # OpenAI's penalties, over the same window of recent tokens as the repetition penalty (llama.cpp's
+    # penalty_last_n): logit -= presence * [seen] + frequency * count.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # (token id, bias) pairs added to the logits first; -inf bans a token (``ignore_eos`` uses that).
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if not np.isfinite(self.temperature):
@@ -44,6 +51,15 @@ class SamplerConfig:
             raise QwenliteError(f"repeat penalty must be > 0, got {self.repeat_penalty}")
         if self.repeat_last_n < 0:
             raise QwenliteError(f"repeat-last-n must be >= 0, got {self.repeat_last_n}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -2.0 <= value <= 2.0:
+                raise QwenliteError(f"{name.replace('_', ' ')} must be in [-2, 2], got {value}")
+        for tok, bias in self.logit_bias:
+            if tok < 0:
+                raise QwenliteError(f"logit bias: token id {tok} is negative")
+            if np.isnan(bias):
+                raise QwenliteError(f"logit bias for token {tok} is NaN")
 
 
 def apply_repeat_penalty(logits: np.ndarray, recent: Sequence[int], penalty: float) -> np.ndarray:
@@ -78,8 +94,20 @@ class Sampler:
         logits = np.asarray(logits, dtype=np.float32)
         if logits.ndim != 1 or logits.shape[0] == 0:
             raise QwenliteError(f"logits must be a non-empty 1-D vector, got shape {logits.shape}")
+        if cfg.logit_bias:
+            logits = logits.copy()
+            for tok, bias in cfg.logit_bias:
+                if tok >= logits.shape[0]:
+                    raise QwenliteError(f"logit bias: token id {tok} out of range 0..{logits.shape[0] - 1}")
+                logits[tok] += bias
         recent = history[-cfg.repeat_last_n:] if cfg.repeat_last_n > 0 else ()
-        return apply_repeat_penalty(logits, recent, cfg.repeat_penalty)
+        out = apply_repeat_penalty(logits, recent, cfg.repeat_penalty)
+        if (cfg.presence_penalty or cfg.frequency_penalty) and len(recent):
+            ids, counts = np.unique(np.asarray(recent, dtype=np.int64), return_counts=True)
+            keep = (ids >= 0) & (ids < out.shape[0])
+            ids, counts = ids[keep], counts[keep]
+            out[ids] -= np.float32(cfg.presence_penalty) + np.float32(cfg.frequency_penalty) * counts.astype(np.float32)
+        return out
 
     def distribution(self, logits: np.ndarray, history: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
         """The candidates and their probabilities after the whole chain (float64, sums to 1).

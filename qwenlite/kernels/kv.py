@@ -64,7 +64,7 @@ _F127 = np.float32(127.0)
 # ---- store --------------------------------------------------------------------------------------
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def store_f32(cache, x, seq, pos):  # noqa: ANN001, ANN201
     """``x [T, n_kv*hd]`` into ``cache [n_seq, n_kv, n_ctx, hd]`` at (seq[t], pos[t])."""
     n_kv, hd = cache.shape[1], cache.shape[3]
@@ -74,7 +74,7 @@ def store_f32(cache, x, seq, pos):  # noqa: ANN001, ANN201
                 cache[seq[t], h, pos[t], i] = x[t, h * hd + i]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def store_f16(cache, x, seq, pos):  # noqa: ANN001, ANN201
     """As ``store_f32``, rounded to f16 bit patterns (uint16 cache)."""
     n_kv, hd = cache.shape[1], cache.shape[3]
@@ -99,7 +99,7 @@ def _quantize_q8_0(src, qs, ds):
         ds[b] = f32_to_f16_bits(d)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", nogil=True)
 def store_q8_0(qs, ds, x, seq, pos, bias, cos, sin):  # noqa: ANN001, ANN201
     """As ``store_f32``, as Q8_0 blocks of 32: int8 ``qs``, f16 ``ds``. ``bias [n_kv*hd]`` (the keys'
     bias; zeros for values) is subtracted as RoPE rotated it at each position."""
@@ -134,7 +134,7 @@ def _softmax_inplace(scores, n):
     return _F1 / total
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True, fastmath=FASTMATH, nogil=True)
 def _job_f32(q, kc, vc, seq, pos, n_heads, job, out):  # noqa: ANN001, ANN202
     hd = kc.shape[3]
     t, h = job // n_heads, job % n_heads
@@ -156,7 +156,7 @@ def _job_f32(q, kc, vc, seq, pos, n_heads, job, out):  # noqa: ANN001, ANN202
             o[i] += w * vc[s, kvh, j, i]
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True, fastmath=FASTMATH, nogil=True)
 def _job_f16(q, kc, vc, seq, pos, n_heads, job, out):  # noqa: ANN001, ANN202
     hd = kc.shape[3]
     t, h = job // n_heads, job % n_heads
@@ -178,7 +178,7 @@ def _job_f16(q, kc, vc, seq, pos, n_heads, job, out):  # noqa: ANN001, ANN202
             o[i] += w * _f16_to_f32(vc[s, kvh, j, i])
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True, fastmath=FASTMATH, nogil=True)
 def _job_q8_0(q, kq, kd, vq, vd, kbias, cos, sin, seq, pos, n_heads, job, out):  # noqa: ANN001, ANN202
     """Keys stored without their rotated bias: its share of each score is added exactly."""
     hd = kq.shape[3]
@@ -215,7 +215,7 @@ def _job_q8_0(q, kq, kd, vq, vd, kbias, cos, sin, seq, pos, n_heads, job, out): 
                 o[i] += wd * np.float32(vq[s, kvh, j, i])
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def attend_f32(q, kc, vc, seq, pos, n_heads, parallel, out):  # noqa: ANN001, ANN201
     """Attention of every (token, head) of ``q [T, n_heads*hd]``; ``parallel`` picks the driver only."""
     n_jobs = q.shape[0] * n_heads
@@ -227,7 +227,7 @@ def attend_f32(q, kc, vc, seq, pos, n_heads, parallel, out):  # noqa: ANN001, AN
             _job_f32(q, kc, vc, seq, pos, n_heads, job, out)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def attend_f16(q, kc, vc, seq, pos, n_heads, parallel, out):  # noqa: ANN001, ANN201
     n_jobs = q.shape[0] * n_heads
     if parallel:
@@ -238,7 +238,7 @@ def attend_f16(q, kc, vc, seq, pos, n_heads, parallel, out):  # noqa: ANN001, AN
             _job_f16(q, kc, vc, seq, pos, n_heads, job, out)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, nogil=True)
 def attend_q8_0(q, kq, kd, vq, vd, kbias, cos, sin, seq, pos, n_heads, parallel, out):  # noqa: ANN001, ANN201
     n_jobs = q.shape[0] * n_heads
     if parallel:

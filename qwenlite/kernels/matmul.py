@@ -134,7 +134,7 @@ def _quantize_acts(act_k, x):
     return aq, ad, asum
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True, nogil=True)
 def _matmul_int(w, qtype, act_k, x, out):
     """Quantize the activation rows, then all row chunks; serial when the whole product is too
     small to pay for waking the other threads."""
@@ -252,7 +252,7 @@ def _few_tokens(qtype, w8, aq, ad, asum, nb, out, g0, g1):
         t += 1
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True, nogil=True)
 def _matmul_x8(w8, qtype, act_k, x, out):
     """``_matmul_int`` for interleaved weights: the same activation rows, parallel over chunks of row
     groups; a single activation row (decode) takes the format-pure loops of ``_groups_one_token``."""
@@ -283,7 +283,7 @@ def _matmul_x8(w8, qtype, act_k, x, out):
             _chunk_x8(qtype, w8, aq, ad, asum, nb, out, c)
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True, nogil=True)
 def _matmul_grouped(ws, qtype, act_k, interleaved, x, starts, experts, out):
     """Rows ``starts[j]:starts[j+1]`` of ``x`` times matrix ``experts[j]`` of the stack ``ws``, for every
     segment j, in one parallel region over (segment, row chunk) pairs: a MoE layer's selected experts
@@ -323,7 +323,7 @@ def _dot_f32(qtype, w, x):
     return f32.dot_row(w, x)
 
 
-@njit(cache=True, error_model="numpy", parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True, nogil=True)
 def _matmul_f32(w, qtype, x, out):
     T = x.shape[0]
     N = w.shape[0]

@@ -26,7 +26,7 @@ from qwenlite.quant.halfprec import _u32_as_f32
 FASTMATH = {"nnan", "ninf", "nsz", "contract", "reassoc"}
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True, fastmath=FASTMATH, nogil=True)
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """y = x / sqrt(mean(x^2) + eps) * weight, per row of ``x [T, d]``."""
     T, d = x.shape
@@ -72,7 +72,7 @@ def rope_tables(
     ).astype(np.float32)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def rope_neox(x: np.ndarray, n_heads: int, pos: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
     """Rotate ``x [T, n_heads*hd]`` in place: pairs (i, i + hd/2) of each head, row t at position ``pos[t]``."""
     T = x.shape[0]
@@ -126,7 +126,7 @@ def _swiglu_row(gate, up, out):
         out[i] = gate[i] * up[i] / (np.float32(1.0) + out[i])
 
 
-@njit(cache=True, fastmath=FASTMATH, parallel=True)
+@njit(cache=True, fastmath=FASTMATH, parallel=True, nogil=True)
 def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     """silu(gate) * up, elementwise over ``[T, n_ff]``; rows in parallel for a prompt."""
     T = gate.shape[0]

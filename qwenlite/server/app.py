@@ -1,0 +1,342 @@
+"""The Starlette app of ``qwenlite serve``: OpenAI routes over one continuous-batching scheduler.
+
+The scheduler runs in its own thread and owns the model; handlers on the event loop parse and check a
+request (``protocol``), submit it, and relay the text pieces the scheduler emits through an asyncio
+queue (``call_soon_threadsafe``). The kernels release the GIL, so the loop keeps accepting requests
+and sending chunks while a forward pass runs. A client that goes away cancels its request: the slot is
+free after the current step.
+
+One guard in front of every route enforces the API key (constant-time compare; ``/health`` and the
+static chat page are open), counts responses by status for ``/metrics``, and turns anything unexpected
+into a 500 in OpenAI's error shape, so no request can take the server down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from qwenlite.errors import QwenliteError
+from qwenlite.runtime.scheduler import QueueFullError, Result, Update
+from qwenlite.runtime.scheduler import Request as Job
+from qwenlite.server import protocol as proto
+
+log = logging.getLogger("qwenlite.server")
+
+Scope = MutableMapping[str, Any]
+ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
+
+OPEN_PATHS = frozenset({"/health", "/"})
+
+
+class _Guard:
+    """Pure ASGI middleware: API key, status counting, last-resort 500."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None, statuses: Counter[int]) -> None:
+        self.app, self.key, self.statuses = app, api_key.encode() if api_key else None, statuses
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def counted(message: dict[str, Any]) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                self.statuses[message["status"]] += 1
+            await send(message)
+
+        if self.key is not None and scope["path"] not in OPEN_PATHS and scope["method"] != "OPTIONS":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, b"Bearer " + self.key):
+                err = proto.ApiError(401, "invalid or missing API key: send 'Authorization: Bearer KEY'",
+                                 code="invalid_api_key", kind="authentication_error")
+                await _error_response(err)(scope, receive, counted)
+                return
+        try:
+            await self.app(scope, receive, counted)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            if not started:
+                err = proto.ApiError(500, "internal server error", code="internal_error", kind="server_error")
+                await _error_response(err)(scope, receive, counted)
+
+
+def _error_response(err: proto.ApiError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+class Server:
+    """Routes and state of one served model."""
+
+    def __init__(self, model: Any, *, queue: int, max_body: int, n_batch: int | None, alias: str | None) -> None:
+        self.model = model
+        self.scheduler = model.scheduler(max_queue=queue, n_batch=n_batch)
+        self.max_body = max_body
+        self.name = alias or model.path.stem
+        self.created = int(time.time())
+        self.statuses: Counter[int] = Counter()
+        self.page = resources.files("qwenlite.server").joinpath("page.html").read_text(encoding="utf-8")
+
+    # ---- request plumbing ------------------------------------------------------------------------
+
+    async def _json(self, request: Request) -> dict[str, Any]:
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > self.max_body:
+            raise proto.ApiError(413, f"request body is {size} bytes; the limit is {self.max_body}",
+                             code="request_too_large")
+        chunks, total = [], 0
+        try:
+            async for chunk in request.stream():
+                total += len(chunk)
+                if total > self.max_body:
+                    raise proto.ApiError(413, f"request body exceeds the limit of {self.max_body} bytes",
+                                     code="request_too_large")
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise proto.ApiError(400, "the client disconnected while sending the body") from None
+        try:
+            body = json.loads(b"".join(chunks))
+        except (ValueError, RecursionError) as exc:
+            raise proto.ApiError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise proto.ApiError(400, "the body must be a JSON object", code="invalid_json")
+        return body
+
+    def _submit(self, c: proto.Completion, emit: Callable[[Update], None]) -> Job:
+        job = Job(c.ids, c.max_tokens, c.sampling, c.stop, c.ignore_eos, emit=emit)
+        try:
+            return self.scheduler.submit(job)
+        except QueueFullError as exc:
+            raise proto.ApiError(503, str(exc), code="server_busy", kind="server_error",
+                             headers={"Retry-After": "1"}) from None
+        except QwenliteError as exc:
+            raise proto.ApiError(400, str(exc)) from None
+
+    async def _complete(self, request: Request, kind: str, c: proto.Completion) -> Response:
+        loop = asyncio.get_running_loop()
+        updates: asyncio.Queue[Update] = asyncio.Queue()
+
+        def emit(u: Update) -> None:  # scheduler thread
+            loop.call_soon_threadsafe(updates.put_nowait, u)
+
+        job = self._submit(c, emit)
+        shapes = proto.Shapes(kind, self.name)
+        if c.stream:
+            return StreamingResponse(self._events(job, updates, shapes, c.include_usage),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        res = await self._wait(request, job, updates)
+        if res is None:  # the client went away; nobody reads this
+            return Response(status_code=499)
+        if res.finish_reason == "error":
+            raise proto.ApiError(500, res.error or "generation failed", code="internal_error", kind="server_error")
+        return JSONResponse(shapes.full(res))
+
+    async def _wait(self, request: Request, job: Job, updates: asyncio.Queue[Update]) -> Result | None:
+        async def gone() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        watch = asyncio.ensure_future(gone())
+        try:
+            while True:
+                get = asyncio.ensure_future(updates.get())
+                done, _ = await asyncio.wait({get, watch}, return_when=asyncio.FIRST_COMPLETED)
+                if get not in done:
+                    get.cancel()
+                    job.cancel()
+                    return None
+                if get.result().result is not None:
+                    return get.result().result
+        finally:
+            watch.cancel()
+            job.cancel()  # a no-op once finished
+
+    async def _events(self, job: Job, updates: asyncio.Queue[Update], shapes: proto.Shapes,
+                      include_usage: bool) -> AsyncIterator[str]:
+        try:
+            yield _sse(shapes.chunk("" if shapes.chat else None, role=True))
+            while True:
+                u = await updates.get()
+                if u.text:
+                    yield _sse(shapes.chunk(u.text))
+                res = u.result
+                if res is None:
+                    continue
+                if res.finish_reason == "error":
+                    yield _sse(proto.ApiError(500, res.error or "generation failed", code="internal_error",
+                                              kind="server_error").body())
+                else:
+                    yield _sse(shapes.chunk(None, res))
+                    if include_usage:
+                        yield _sse(shapes.usage_chunk(res))
+                yield "data: [DONE]\n\n"
+                return
+        finally:
+            job.cancel()  # the client left (or we are done): free the slot within one step
+
+    # ---- routes ----------------------------------------------------------------------------------
+
+    async def chat_completions(self, request: Request) -> Response:
+        body = await self._json(request)
+        messages = proto.parse_messages(body)
+        m = self.model
+
+        def prepare() -> proto.Completion:
+            try:
+                ids = m.template.encode(m.tokenizer, messages)
+            except QwenliteError as exc:
+                raise proto.ApiError(400, str(exc), param="messages") from None
+            return proto.completion(body, ids, m.n_ctx, m.config.n_vocab)
+
+        return await self._complete(request, "chat", await run_in_threadpool(prepare))
+
+    async def completions(self, request: Request) -> Response:
+        body = await self._json(request)
+        m = self.model
+
+        def prepare() -> proto.Completion:
+            ids = proto.parse_prompt(body, m.tokenize, m.config.n_vocab)
+            return proto.completion(body, ids, m.n_ctx, m.config.n_vocab)
+
+        return await self._complete(request, "text", await run_in_threadpool(prepare))
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [
+            {"id": self.name, "object": "model", "created": self.created, "owned_by": "qwenlite",
+             "meta": {"n_ctx_per_slot": self.model.n_ctx, "n_slots": self.model.n_seq,
+                      "n_vocab": self.model.config.n_vocab, "kv_type": self.model.kv_type}}]})
+
+    async def health(self, request: Request) -> Response:
+        s = self.scheduler
+        busy = s.n_busy
+        return JSONResponse({"status": "ok", "slots_idle": len(s.slots) - busy, "slots_processing": busy,
+                             "queue": s.n_queued})
+
+    async def metrics(self, request: Request) -> Response:
+        s, st = self.scheduler, self.scheduler.stats
+        rows: list[tuple[str, str, str, float]] = [
+            ("requests_total", "counter", "requests accepted by the scheduler", st.requests),
+            ("prompt_tokens_total", "counter", "prompt tokens of admitted requests", st.prompt_tokens),
+            ("prompt_tokens_cached_total", "counter", "prompt tokens reused from a slot's cache", st.cached_tokens),
+            ("prompt_tokens_evaluated_total", "counter", "prompt tokens evaluated", st.prompt_evaluated),
+            ("completion_tokens_total", "counter", "tokens generated", st.completion_tokens),
+            ("decode_steps_total", "counter", "batched forward passes", st.steps),
+            ("busy_seconds_total", "counter", "seconds spent in forward passes", st.busy_seconds),
+            ("requests_processing", "gauge", "slots serving a request", s.n_busy),
+            ("requests_queued", "gauge", "requests waiting for a slot", s.n_queued),
+            ("slots", "gauge", "sequence slots", len(s.slots)),
+            ("tokens_per_second", "gauge", "generated tokens per second over the last 10 s",
+             st.tokens_per_second()),
+        ]
+        lines = []
+        for name, kind, help_, value in rows:
+            lines += [f"# HELP qwenlite_{name} {help_}", f"# TYPE qwenlite_{name} {kind}", f"qwenlite_{name} {value}"]
+        lines += ["# HELP qwenlite_requests_finished_total finished requests by reason",
+                  "# TYPE qwenlite_requests_finished_total counter"]
+        lines += [f'qwenlite_requests_finished_total{{reason="{k}"}} {v}' for k, v in sorted(st.finished.items())]
+        lines += ["# HELP qwenlite_http_responses_total HTTP responses by status",
+                  "# TYPE qwenlite_http_responses_total counter"]
+        lines += [f'qwenlite_http_responses_total{{status="{k}"}} {v}' for k, v in sorted(self.statuses.items())]
+        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+    async def tokenize(self, request: Request) -> Response:
+        body = await self._json(request)
+        content = body.get("content")
+        if not isinstance(content, str):
+            raise proto.ApiError(400, "content: must be a string", param="content", code="invalid_type")
+        tok = self.model.tokenizer
+        special = proto.boolean(body, "parse_special", True)  # llama-server's default
+        add = proto.boolean(body, "add_special", False)
+        ids = await run_in_threadpool(self.model.tokenize, content, special)
+        if add and tok.add_bos and tok.bos_id is not None:
+            ids = [tok.bos_id, *ids]
+        pieces = proto.boolean(body, "with_pieces", False)
+        return JSONResponse({"tokens": proto.token_pieces(tok, ids) if pieces else ids})
+
+    async def detokenize(self, request: Request) -> Response:
+        body = await self._json(request)
+        ids = body.get("tokens", [])
+        n = self.model.config.n_vocab
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise proto.ApiError(400, "tokens: must be a list of token ids", param="tokens", code="invalid_type")
+        bad = [t for t in ids if not 0 <= t < n]
+        if bad:
+            raise proto.ApiError(400, f"tokens: id {bad[0]} out of range 0..{n - 1}", param="tokens")
+        return JSONResponse({"content": self.model.detokenize(ids)})
+
+    async def page_route(self, request: Request) -> Response:
+        return HTMLResponse(self.page)
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, proto.ApiError)
+    return _error_response(exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    msg = f"no route {request.method} {request.url.path}" if exc.status_code in (404, 405) else str(exc.detail)
+    return _error_response(proto.ApiError(exc.status_code, msg, code=str(exc.status_code), kind=kind))
+
+
+def build(model: Any, *, api_key: str | None = None, queue: int = 64, cors_origin: str | None = None,
+          max_body: int = 4 << 20, n_batch: int | None = None, alias: str | None = None) -> Starlette:
+    """The ASGI app for a loaded ``Model`` (its scheduler starts and stops with the app's lifespan)."""
+    srv = Server(model, queue=queue, max_body=max_body, n_batch=n_batch, alias=alias)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        srv.scheduler.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(srv.scheduler.close)
+
+    routes = [
+        Route("/v1/chat/completions", srv.chat_completions, methods=["POST"]),
+        Route("/chat/completions", srv.chat_completions, methods=["POST"]),
+        Route("/v1/completions", srv.completions, methods=["POST"]),
+        Route("/completions", srv.completions, methods=["POST"]),
+        Route("/v1/models", srv.models, methods=["GET"]),
+        Route("/models", srv.models, methods=["GET"]),
+        Route("/health", srv.health, methods=["GET"]),
+        Route("/metrics", srv.metrics, methods=["GET"]),
+        Route("/tokenize", srv.tokenize, methods=["POST"]),
+        Route("/detokenize", srv.detokenize, methods=["POST"]),
+        Route("/", srv.page_route, methods=["GET"]),
+    ]
+    middleware = []
+    if cors_origin:
+        middleware.append(Middleware(CORSMiddleware, allow_origins=[cors_origin], allow_methods=["GET", "POST"],
+                                     allow_headers=["Authorization", "Content-Type"]))
+    middleware.append(Middleware(_Guard, api_key=api_key, statuses=srv.statuses))
+    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
+                    exception_handlers={proto.ApiError: _api_error, HTTPException: _http_error})
+    app.state.server = srv
+    return app
