@@ -75,7 +75,7 @@ bench-kv: peer bench-venv
 # qwenlite installed the README's way (`pip install -e .`, no test extras) in its own environment, so
 # the benchmarks run with exactly the package's dependencies.
 bench-venv:
-	@test -x $(BENCH_VENV)/bin/qwenlite || { $(PYTHON) -m venv $(BENCH_VENV) && $(BENCH_VENV)/bin/pip install -q -e .; }
+	@test -x $(BENCH_VENV)/bin/qwenlite || { $(PYTHON) -m venv $(BENCH_VENV) && $(BENCH_VENV)/bin/pip install -q -e '.[server]'; }
 
 # llama.cpp's llama-server from the same pinned sources (the `make bench-serve` baseline), built in
 # .peer/server-build (~15-30 min on 2 cores; log in .peer/server-build.log). No web UI assets (they would
@@ -93,6 +93,7 @@ peer-server: peer-src
 # clients at concurrency 1/4/8 -> BENCHMARKS.md (e.g. SERVE_ARGS="--models 0.5b").
 SERVE_ARGS ?=
 bench-serve: peer-server bench-venv
+	@$(BENCH_VENV)/bin/python -c "import uvicorn, starlette" 2>/dev/null || $(BENCH_VENV)/bin/pip install -q -e '.[server]'
 	QWENLITE_BENCH_EXE=$(CURDIR)/$(BENCH_VENV)/bin/qwenlite LLAMA_SERVER=$(CURDIR)/$(PEER_SERVER) \
 		$(PYTHON) -m benchmarks.bench_serve $(SERVE_ARGS)
 

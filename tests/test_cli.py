@@ -275,3 +275,22 @@ def test_bench_batch_json_and_kv_type_flags(tmp_path: Path, real_model_path: Pat
     proc = cli_run("run", "-m", str(real_model_path), "-p", "def f(x):", "-n", "8", "--temp", "0", "--kv-type", "f32",
                    home=tmp_path)
     assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr
+
+
+def test_serve_without_the_server_extra_names_the_install_command(tmp_path: Path) -> None:
+    code = ("import sys; sys.modules['uvicorn'] = None; from qwenlite import cli; "
+            "sys.exit(cli.main(['serve', '-m', 'nowhere.gguf']))")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), QWENLITE_HOME=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert_user_error(proc, "pip install 'qwenlite[server]'")
+
+
+@pytest.mark.parametrize(("flags", "match"), [
+    (["--parallel", "0"], "--parallel must be >= 1"),
+    (["--port", "70000"], "--port must be in 0..65535"),
+    (["--queue", "-1"], "--queue must be >= 0"),
+    (["-c", "0"], "-c/--ctx-size must be >= 1"),
+])
+def test_serve_bad_flags_are_one_clear_error(tmp_path: Path, real_model_path: Path, flags: list[str],
+                                             match: str) -> None:
+    assert_user_error(cli_run("serve", "-m", str(real_model_path), *flags, home=tmp_path), match)

@@ -16,7 +16,7 @@ import numpy as np
 from qwenlite import quant
 from qwenlite.errors import QwenliteError
 from qwenlite.kernels import kv as kvk
-from qwenlite.kernels.matmul import matmul, matmul_experts
+from qwenlite.kernels.matmul import matmul, matmul_experts, matmul_x8_trusted
 from qwenlite.kernels.ops import rms_norm, rope_neox, swiglu
 from qwenlite.model.weights import Linear
 
@@ -58,7 +58,10 @@ class CPUBackend:
     name = "cpu"
 
     def linear(self, w: Linear, x: np.ndarray) -> np.ndarray:
-        y = matmul(w.w, w.qtype, x, interleaved=w.interleaved)
+        if w.interleaved and x.ndim == 2 and x.dtype == np.float32 and x.flags.c_contiguous and x.shape[1] == w.n_in:
+            y = matmul_x8_trusted(w.w, w.qtype, x)  # the loader checked the weight
+        else:
+            y = matmul(w.w, w.qtype, x, interleaved=w.interleaved)
         if w.bias is not None:
             y += w.bias
         return y

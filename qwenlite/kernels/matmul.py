@@ -153,6 +153,8 @@ X8_TYPES = frozenset(
     {GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K}
 )
 _Q8_0 = int(GGMLType.Q8_0)
+# Whether a type's activations are Q8_K rows (K-quants) rather than Q8_0 rows, per x8 type.
+_ACT_K = {int(t): quant.get_format(int(t)).ACT == "q8_k" for t in X8_TYPES}
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -385,6 +387,17 @@ def matmul(
         else:
             _matmul_int(w, int(fmt.TYPE), fmt.ACT == "q8_k", x, out)
     return out[0] if vector else out
+
+
+def matmul_x8_trusted(w8: np.ndarray, qtype: int, x: np.ndarray) -> np.ndarray:
+    """``matmul(w8, qtype, x, interleaved=True)`` without its checks, for weights the loader built and
+    checked and activations the model made (C-contiguous float32 ``[T, K]``). The checks cost 2.8 us of
+    the 14.3 us a call to the 0.5B's K projection takes at T=1, and a 0.5B decode step makes 145 calls
+    (0.4 ms of ~30 ms); user-facing callers keep ``matmul``."""
+    out = np.empty((x.shape[0], w8.shape[0] * 8), np.float32)
+    if x.shape[0]:
+        _matmul_x8(w8, qtype, _ACT_K[qtype], x, out)
+    return out
 
 
 def matmul_experts(

@@ -8,7 +8,9 @@ of freezing them for the whole prompt.
 
 Slots keep their KV cache after a request ends. A new request goes to the idle slot whose cached
 tokens share the longest prefix with its prompt, and only the rest is evaluated (``cached_tokens``): a
-follow-up turn of a conversation costs its new tokens only. Because every kernel computes each row on
+follow-up turn of a conversation costs its new tokens only. When a busy slot holds a longer prefix
+(the system prompt all clients send), its keys and values are copied into the new request's slot:
+a memory copy instead of a forward pass over them. Because every kernel computes each row on
 its own (``runtime/engine.py``), a request's tokens are bit-for-bit the same whatever it is batched
 with and whichever slot or prefix it reuses, so greedy output equals the single-sequence API's.
 
@@ -38,6 +40,11 @@ from qwenlite.errors import QwenliteError
 from qwenlite.runtime.engine import Engine
 
 log = logging.getLogger("qwenlite.scheduler")
+
+# The burst window of ``Scheduler._gather``: at most this long, and no longer than a quiet gap of
+# GATHER_QUIET_SECONDS without a new arrival (a lone request waits at most that gap).
+GATHER_SECONDS = 0.05
+GATHER_QUIET_SECONDS = 0.02
 
 
 class QueueFullError(QwenliteError):
@@ -208,10 +215,25 @@ class Scheduler:
                         self._cv.wait()
                     if self._closing and not self.queue and not self.n_busy:
                         return
+                    if not self.n_busy:
+                        self._gather()
                 try:
                     self.step()
                 except Exception:  # a bug must not kill the loop: the step's requests got an error result
                     log.exception("scheduler step failed")
+
+    def _gather(self) -> None:
+        """With no slot busy, wait up to ``GATHER_SECONDS`` for the rest of a burst of requests (clients
+        often send several at once) so that their prompts share the first forward pass. Admitting the
+        first one alone made the others wait for its whole pass: with 4 simultaneous 1.5B requests the
+        time to first token was 0.85 s for one and 2.8 s for three; gathered, about 2 s for all. Nobody
+        is streaming yet, so the wait stalls no one. Called with the lock held."""
+        deadline = time.perf_counter() + GATHER_SECONDS
+        while not self._closing and len(self.queue) < len(self.slots):
+            n = len(self.queue)
+            left = deadline - time.perf_counter()
+            if left <= 0 or not self._cv.wait(min(left, GATHER_QUIET_SECONDS)) or len(self.queue) == n:
+                return
 
     # ---- the loop -----------------------------------------------------------------------------
 
@@ -259,8 +281,16 @@ class Scheduler:
             if req.cancelled:
                 self._reject(req, "cancelled")
                 continue
-            best = max(idle, key=lambda s: (common_prefix(eng.tokens(s.index), req.ids), -s.last_used))
-            keep = min(common_prefix(eng.tokens(best.index), req.ids), len(req.ids) - 1)
+            shared = {s.index: common_prefix(eng.tokens(s.index), req.ids) for s in self.slots}
+            best = max(idle, key=lambda s: (shared[s.index], -s.last_used))
+            donor = max(self.slots, key=lambda s: shared[s.index])
+            if shared[donor.index] > shared[best.index]:
+                # A busy slot holds a longer prefix (the system prompt every client sends): copy its
+                # keys and values into the least recently used idle slot instead of evaluating them.
+                best = min(idle, key=lambda s: s.last_used)
+                eng.copy_prefix(donor.index, best.index, shared[donor.index])
+                shared[best.index] = shared[donor.index]
+            keep = min(shared[best.index], len(req.ids) - 1)
             eng.truncate(best.index, keep)
             cfg = req.sampling
             if req.ignore_eos:
