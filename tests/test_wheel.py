@@ -80,6 +80,7 @@ def test_wheel_holds_only_qwenlite(wheel: Path) -> None:
     assert len(dist_info) == 1
     assert "qwenlite/models_data/manifest.json" in names
     assert "qwenlite/py.typed" in names
+    assert "qwenlite/server/page.html" in names  # the chat page of `qwenlite serve`
     for folder, target in SHIPPED.items():
         for f in (REPO / folder).rglob("*.py"):
             rel = f.relative_to(REPO / folder).as_posix()
