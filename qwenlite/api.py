@@ -104,6 +104,9 @@ class Model:
             if n_threads < 1:
                 raise QwenliteError(f"threads must be >= 1, got {n_threads}")
             numba.set_num_threads(min(n_threads, numba.config.NUMBA_NUM_THREADS))
+        # Numba's thread count is per calling thread: every call (and the server's scheduler thread)
+        # sets it again on entry, or a model loaded with 1 thread would run on all cores elsewhere.
+        self.n_threads = numba.get_num_threads()
         if n_seq < 1:
             raise QwenliteError(f"n_seq (sequence slots) must be >= 1, got {n_seq}")
         self.kv_type = _kv_name(kv_type)
@@ -145,6 +148,7 @@ class Model:
                                 "exhaust or close() that stream first")
         with self._lock:
             self._owner = me
+            numba.set_num_threads(self.n_threads)
             try:
                 yield
             finally:

@@ -135,3 +135,30 @@ def test_a_prefix_held_by_a_busy_slot_is_copied_not_evaluated(real_model) -> Non
     m.runtime.clear()
     assert ra[0].cached_tokens == 0 and rb[0].cached_tokens == shared
     assert rb[0].text == m.generate(ids_b, max_tokens=8, temperature=0.0)
+
+
+def test_the_scheduler_thread_runs_on_the_model_thread_count(real_model_path) -> None:  # noqa: ANN001
+    """Numba's thread count is per thread: a model loaded with 1 thread must not run its server's
+    scheduler thread on all cores."""
+    import threading
+
+    import numba
+
+    import qwenlite
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs 2 cores")
+    m = qwenlite.load(real_model_path, n_threads=1, n_ctx=64, n_seq=1)
+    seen: list[int] = []
+    sched = m.scheduler()
+    decode = m.runtime.decode
+    m.runtime.decode = lambda *a, **kw: seen.append(numba.get_num_threads()) or decode(*a, **kw)
+    done = threading.Event()
+    sched.start()
+    try:
+        sched.submit(Request([1000, 1001], 2, GREEDY, emit=lambda u: u.result and done.set()))
+        assert done.wait(120)
+    finally:
+        sched.close()
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    assert seen and set(seen) == {1}
