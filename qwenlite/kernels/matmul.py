@@ -278,11 +278,24 @@ def _matmul_x8(w8, qtype, act_k, x, out):
                 g0 = c * _GROUP_CHUNK
                 _few_tokens(qtype, w8, aq, ad, asum, nb, out, g0, min(G, g0 + _GROUP_CHUNK))
     elif serial:
-        for c in range(n_chunks):
-            _chunk_x8(qtype, w8, aq, ad, asum, nb, out, c)
+        _tiles(qtype, w8, aq, ad, asum, nb, out, 0, G)
     else:
         for c in prange(n_chunks):
-            _chunk_x8(qtype, w8, aq, ad, asum, nb, out, c)
+            g0 = c * _GROUP_CHUNK
+            _tiles(qtype, w8, aq, ad, asum, nb, out, g0, min(G, g0 + _GROUP_CHUNK))
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _tiles(qtype, w8, aq, ad, asum, nb, out, g0, g1):
+    """Prefill: groups ``g0:g1`` against all tokens, a tile of ``_TOKEN_TILE`` tokens at a time (the
+    tile's activations stay in L2 while the groups' weights stay in L1), each tile in token quads through
+    the format-pure loops of ``_few_tokens``. The per-group dispatch of ``_chunk_x8`` that this replaced
+    prefilled the 1.5B Q4_K_M at 25 tok/s for 64 tokens on 2 threads, against 31 tok/s for 16 tokens
+    through ``_few_tokens``. Tokens form the same quads as before, so every row's bits are unchanged."""
+    T = aq.shape[0]
+    for t0 in range(0, T, _TOKEN_TILE):
+        t1 = min(T, t0 + _TOKEN_TILE)
+        _few_tokens(qtype, w8, aq[t0:t1], ad[t0:t1], asum[t0:t1], nb, out[t0:t1], g0, g1)
 
 
 @njit(cache=True, error_model="numpy", parallel=True, nogil=True)
