@@ -1,140 +1,217 @@
-"""ChatML rendering with the semantics of the Qwen2/Qwen2.5 GGUF chat template.
+"""Chat prompts rendered by the model's own Jinja chat template, tokenized so that text stays text.
 
-We do not run Jinja at inference time: the template only ever produces ChatML, and rendering it
-ourselves lets us tokenize piecewise. The ChatML markers become control tokens, while every run of
-text between two markers (role names, user content, ...) is tokenized with ``special=False``, so a
-user who types ``<|im_end|>`` gets plain text, not a forged turn boundary. The rendered *string* is
-byte-for-byte what ``transformers``' ``apply_chat_template`` produces from the same template (the
-tests check this against a real Jinja rendering).
+The GGUF's ``tokenizer.chat_template`` is rendered with Jinja's immutable sandbox, configured the way
+``transformers``' ``apply_chat_template`` configures it (``trim_blocks``, ``lstrip_blocks``, the loop
+controls, a ``tojson`` that writes ``json.dumps(..., ensure_ascii=False)``, ``raise_exception`` and
+``strftime_now``), so a conversation with tools renders to exactly the string transformers renders
+(the tests compare them). A file without a template gets ``BUILTIN_CHATML``, our own ChatML template.
 
-The one piece of the template we do read is its default system prompt (Qwen2.5 injects "You are
-Qwen, created by Alibaba Cloud. ..." when the conversation has no system message): it is extracted
-from the template text, so a file carrying a different default keeps its own behaviour.
+Safety: the rendered string mixes template text with user text (message content, tool names and
+schemas, tool results). Tokenizing it with special parsing would let a user who types
+``<|im_end|>`` forge a turn boundary. So the conversation is rendered twice: once as given, and once
+with every control-token spelling inside user strings "defanged" (its first character replaced by a
+private-use character of the same length). The control tokens found in the second rendering are
+exactly the ones the template itself wrote; the first rendering is cut at those positions, the
+markers become control ids and every run of text between them is tokenized with ``special=False``.
+Without markers in user text the ids equal tokenizing the rendering with special parsing.
+
+OpenAI's shapes are accepted: ``content`` may be None (an assistant turn that only calls tools), and
+a tool call's ``function.arguments`` JSON string is parsed into an object before rendering, since
+templates (Qwen2.5's among them) write it with ``tojson``; a string that is not JSON stays a string.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import jinja2
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from qwenlite.errors import QwenliteError
+from qwenlite.gguf import names as gn
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 GENERATION_PROMPT = f"{IM_START}assistant\n"
 
-# A literal default system turn in the template source: '<|im_start|>system\n<text><|im_end|>'.
-# The ``\n`` is the two characters backslash-n inside a Jinja string literal, and the text must not
-# contain a quote, which rules out the branch that splices ``messages[0]['content']`` in.
-_DEFAULT_SYSTEM_RE = re.compile(r"<\|im_start\|>system\\n([^'\"]+?)<\|im_end\|>")
-
 _ROLES = ("system", "user", "assistant", "tool")
+_DEFANG = "\ue000"  # a private-use character: never in a vocabulary's control-token text
 
-Message = Mapping[str, str]
+# For files that carry no template: ChatML with the tool conventions of Qwen2.5 (tools listed in the
+# system turn, calls as <tool_call> JSON, results as <tool_response> in a user turn). Written for
+# qwenlite; ``default_system`` is the system prompt used when the conversation has none.
+BUILTIN_CHATML = """\
+{%- set sys = messages[0].content if messages and messages[0].role == 'system' else default_system %}
+{%- if sys is not none or tools %}
+{{- '<|im_start|>system\\n' + (sys or '') }}
+{%- if tools %}
+{{- '\\n\\n# Tools\\n\\nCall a function by writing <tool_call>{"name": ..., "arguments": {...}}</tool_call>. Functions:' }}
+{%- for tool in tools %}{{ '\\n' + (tool | tojson) }}{% endfor %}
+{%- endif %}
+{{- '<|im_end|>\\n' }}
+{%- endif %}
+{%- for m in messages %}
+{%- if m.role == 'tool' %}
+{%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}{{ '<|im_start|>user' }}{% endif %}
+{{- '\\n<tool_response>\\n' + m.content + '\\n</tool_response>' }}
+{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{ '<|im_end|>\\n' }}{% endif %}
+{%- elif not (loop.first and m.role == 'system') %}
+{{- '<|im_start|>' + m.role + '\\n' + m.content }}
+{%- for call in m.tool_calls or [] %}
+{{- '\\n<tool_call>\\n{"name": "' + call.function.name + '", "arguments": ' + (call.function.arguments | tojson) + '}\\n</tool_call>' }}
+{%- endfor %}
+{{- '<|im_end|>\\n' }}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}
+"""
 
 
-def default_system_prompt(template: str | None) -> str | None:
-    """The system prompt the template injects when none is given, or None if it has none."""
-    if not template:
-        return None
-    match = _DEFAULT_SYSTEM_RE.search(template)
-    if match is None:
-        return None
-    # Undo the Jinja string-literal escapes that can appear in a plain sentence.
-    return match.group(1).replace("\\n", "\n").replace("\\'", "'").replace('\\"', '"')
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    """transformers' ``tojson``: plain ``json.dumps`` (Jinja's own escapes ``<``, ``>``, ``&``, ``'``)."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
-@dataclass(frozen=True)
-class Segment:
-    """One piece of a rendered conversation: a ChatML marker (``special``) or plain text."""
-
-    text: str
-    special: bool
+def _raise(message: str) -> None:
+    raise jinja2.TemplateError(message)
 
 
-def _check(messages: Sequence[Message]) -> None:
+def _environment() -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
+
+
+def _arguments(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+def normalize(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Checked copies of OpenAI-style messages, in the shape chat templates expect."""
+    if isinstance(messages, str | bytes) or not isinstance(messages, Sequence):
+        raise QwenliteError("messages must be a list of {'role': ..., 'content': ...} objects")
+    out = []
     for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise QwenliteError(f"message {i}: must be an object with a role and a content")
         role = message.get("role")
         if role not in _ROLES:
             raise QwenliteError(f"message {i}: unknown role {role!r} (expected one of {', '.join(_ROLES)})")
-        if not isinstance(message.get("content"), str):
+        content = message.get("content")
+        if content is None and role in ("user", "system"):
             raise QwenliteError(f"message {i}: content must be a string")
+        if content is not None and not isinstance(content, str):
+            raise QwenliteError(f"message {i}: content must be a string")
+        m: dict[str, Any] = {"role": role, "content": content or ""}
+        calls = message.get("tool_calls")
+        if calls:
+            if role != "assistant" or not isinstance(calls, Sequence):
+                raise QwenliteError(f"message {i}: only assistant messages carry a list of tool_calls")
+            m["tool_calls"] = [_call(c, i, j) for j, c in enumerate(calls)]
+        for key in ("tool_call_id", "name"):
+            if isinstance(message.get(key), str):
+                m[key] = message[key]
+        out.append(m)
+    return out
+
+
+def _call(call: Any, i: int, j: int) -> dict[str, Any]:
+    fn = call.get("function") if isinstance(call, Mapping) else None
+    if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str):
+        raise QwenliteError(f"message {i}: tool_calls[{j}] needs a function with a name")
+    out = {"type": "function", "function": {"name": fn["name"], "arguments": _arguments(fn.get("arguments", {}))}}
+    if isinstance(call.get("id"), str):
+        out["id"] = call["id"]
+    return out
+
+
+def _defang(value: Any, pattern: re.Pattern[str]) -> Any:
+    """``value`` with the first character of every control-token spelling in its strings replaced."""
+    if isinstance(value, str):
+        return pattern.sub(lambda m: _DEFANG + m.group()[1:], value)
+    if isinstance(value, Mapping):
+        return {_defang(k, pattern): _defang(v, pattern) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_defang(v, pattern) for v in value]
+    return value
+
+
+def _pattern(texts: Sequence[str]) -> re.Pattern[str] | None:
+    ordered = sorted((t for t in texts if t), key=len, reverse=True)
+    return re.compile("|".join(re.escape(t) for t in ordered)) if ordered else None
 
 
 class ChatTemplate:
-    """Renders message lists as ChatML and tokenizes them safely."""
+    """A compiled chat template; ``render`` gives the prompt text, ``encode`` its safe token ids."""
 
-    def __init__(self, default_system: str | None) -> None:
-        self.default_system = default_system
-
-    @classmethod
-    def from_template(cls, template: str | None) -> ChatTemplate:
-        """Build from the Jinja source in ``tokenizer.chat_template`` (None: no default system)."""
-        return cls(default_system_prompt(template))
+    def __init__(self, source: str | None = None, *, default_system: str | None = None,
+                 bos_token: str = "", eos_token: str = "") -> None:
+        self.source = source if source is not None else BUILTIN_CHATML
+        self.builtin = source is None
+        self.extra = {"bos_token": bos_token, "eos_token": eos_token, "default_system": default_system}
+        try:
+            self._template = _environment().from_string(self.source)
+        except jinja2.TemplateError as exc:
+            self._template = None
+            self._broken = f"the model's chat template does not compile: {exc}"
 
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, object]) -> ChatTemplate:
-        template = metadata.get("tokenizer.chat_template")
-        return cls.from_template(template if isinstance(template, str) else None)
+        source = metadata.get(gn.CHAT_TEMPLATE)
+        return cls(source if isinstance(source, str) and source.strip() else None)
 
-    def segments(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[Segment]:
-        """The conversation as alternating markers and text, in template order."""
-        _check(messages)
-        out: list[Segment] = []
-
-        def turn(role: str, content: str) -> None:
-            out.extend([Segment(IM_START, True), Segment(f"{role}\n{content}", False),
-                        Segment(IM_END, True), Segment("\n", False)])
-
-        if messages and messages[0]["role"] == "system":
-            turn("system", messages[0]["content"])
-        elif self.default_system is not None:
-            turn("system", self.default_system)
-        for i, message in enumerate(messages):
-            role = message["role"]
-            if role == "system" and i == 0:
-                continue
-            if role != "tool":
-                turn(role, message["content"])
-                continue
-            # Consecutive tool results share one user turn, as in the Qwen2.5 template.
-            if i == 0 or messages[i - 1]["role"] != "tool":
-                out.extend([Segment(IM_START, True), Segment("user", False)])
-            out.append(Segment(f"\n<tool_response>\n{message['content']}\n</tool_response>", False))
-            if i == len(messages) - 1 or messages[i + 1]["role"] != "tool":
-                out.extend([Segment(IM_END, True), Segment("\n", False)])
-        if add_generation_prompt:
-            out.extend([Segment(IM_START, True), Segment("assistant\n", False)])
-        return out
-
-    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+               tools: Sequence[Mapping[str, Any]] | None = None) -> str:
         """The conversation as one string (what ``apply_chat_template(tokenize=False)`` returns)."""
-        return "".join(s.text for s in self.segments(messages, add_generation_prompt))
+        return self._render(normalize(messages), add_generation_prompt, list(tools) if tools else None)
 
-    def encode(self, tokenizer: object, messages: Sequence[Message],
-               add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of the conversation: markers as control tokens, all other text with special=False.
+    def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                tools: list[Any] | None) -> str:
+        if self._template is None:
+            raise QwenliteError(self._broken)
+        try:
+            return self._template.render(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                         **self.extra)
+        except jinja2.TemplateError as exc:
+            raise QwenliteError(f"the chat template refused this conversation: {exc}") from None
+        except (TypeError, ValueError, KeyError, AttributeError, RecursionError) as exc:
+            raise QwenliteError(f"the chat template failed on this conversation: {type(exc).__name__}: {exc}") from None
 
-        Adjacent text segments are joined before encoding, so BPE sees the same text runs as when
-        the whole rendered string is tokenized with special parsing (the ids then agree exactly).
-        """
-        marker_ids = {}
-        for marker in (IM_START, IM_END):
-            tid = tokenizer.id_of(marker)
-            if tid is None:
-                raise QwenliteError(f"the model's vocabulary has no {marker} token; it cannot chat in ChatML")
-            marker_ids[marker] = tid
+    def encode(self, tokenizer: Any, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+               tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
+        """Token ids of the conversation: the template's markers as control ids, all text with
+        ``special=False`` (see the module docstring)."""
+        msgs = normalize(messages)
+        tools = list(tools) if tools else None
+        real = self._render(msgs, add_generation_prompt, tools)
+        controls: Mapping[str, int] = tokenizer.control_tokens
+        pattern = _pattern(list(controls))
+        if pattern is None:
+            return tokenizer.encode(real, special=False)
+        shadow = self._render(_defang(msgs, pattern), add_generation_prompt, _defang(tools, pattern))
+        if len(shadow) != len(real):
+            raise QwenliteError("the chat template transforms message text in a way that cannot be kept apart "
+                                "from its control tokens; qwenlite refuses to tokenize it unsafely")
         ids: list[int] = []
-        text = ""
-        for seg in self.segments(messages, add_generation_prompt):
-            if seg.special:
-                if text:
-                    ids.extend(tokenizer.encode(text, special=False))
-                    text = ""
-                ids.append(marker_ids[seg.text])
-            else:
-                text += seg.text
-        if text:
-            ids.extend(tokenizer.encode(text, special=False))
+        pos = 0
+        for match in pattern.finditer(shadow):
+            if match.start() > pos:
+                ids.extend(tokenizer.encode(real[pos:match.start()], special=False))
+            ids.append(controls[match.group()])
+            pos = match.end()
+        if pos < len(real):
+            ids.extend(tokenizer.encode(real[pos:], special=False))
         return ids

@@ -102,6 +102,12 @@ class Tokenizer:
         self._check_id(token_id)
         return int(token_id) in self._control_ids
 
+    @property
+    def control_tokens(self) -> dict[str, int]:
+        """Text -> id of the control tokens: what ``encode(special=True)`` recognises beyond the
+        always-matched user-defined tokens (chat templates write them; user text must not)."""
+        return dict(self.vocab.control)
+
     def id_of(self, text: str) -> int | None:
         """Id of the control or user-defined token spelled ``text``, or None."""
         return self._specials.get(text)
