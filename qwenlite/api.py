@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numba
 import numpy as np
 
 from qwenlite.backends import get_backend
+from qwenlite.chat import openai
+from qwenlite.chat.constrain import Grammar
 from qwenlite.chat.generate import Generation
 from qwenlite.chat.sampler import Sampler, SamplerConfig
 from qwenlite.chat.session import common_prefix
@@ -203,6 +206,8 @@ class Model:
         stop: Sequence[str] = (),
         special: bool = False,
         sampling: SamplerConfig | None = None,
+        grammar: str | Grammar | None = None,
+        json_schema: Mapping[str, Any] | None = None,
     ) -> str | Stream:
         """Raw completion of a prompt (text, or token ids).
 
@@ -210,22 +215,45 @@ class Model:
         returns a ``Stream`` of text pieces that never contains part of a stop marker. The result is
         the same as in a fresh context; the KV of the longest prefix shared with the previous call is
         reused (``last_reused`` / ``Stream.reused``). ``sampling`` replaces the individual options.
+
+        ``grammar`` (a Lark or GBNF grammar text, or a ``Grammar`` from ``m.grammar(...)``) or
+        ``json_schema`` constrains the output: every token is drawn from those the grammar allows.
         """
         cfg = sampling or SamplerConfig(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed)
         ids = self._ids(prompt_or_ids, special)
         if max_tokens < 0:
             raise QwenliteError(f"max tokens must be >= 0, got {max_tokens}")
+        if grammar is not None and json_schema is not None:
+            raise QwenliteError("give either grammar or json_schema, not both")
+        if isinstance(grammar, str):
+            grammar = Grammar.grammar(self.tokenizer, grammar)
+        elif json_schema is not None:
+            grammar = Grammar.json_schema(self.tokenizer, json_schema)
+        constraint = grammar.start() if grammar is not None else None
         info = _StreamInfo()
-        out = Stream(self._stream(ids, max_tokens, Sampler(cfg), tuple(stop), info), info)
+        out = Stream(self._stream(ids, max_tokens, Sampler(cfg), tuple(stop), info, constraint), info)
         return out if stream else "".join(out)
 
+    def grammar(self, *, grammar: str | None = None, json_schema: Mapping[str, Any] | None = None,
+                regex: str | None = None) -> Grammar:
+        """A compiled constraint for this model's vocabulary, reusable across calls: a Lark or GBNF
+        ``grammar``, a ``json_schema`` (None: any JSON object) or a ``regex``."""
+        if sum(x is not None for x in (grammar, json_schema, regex)) > 1:
+            raise QwenliteError("give one of grammar, json_schema or regex")
+        if grammar is not None:
+            return Grammar.grammar(self.tokenizer, grammar)
+        if regex is not None:
+            return Grammar.regex(self.tokenizer, regex)
+        return Grammar.json_schema(self.tokenizer, json_schema)
+
     def _stream(self, ids: list[int], max_tokens: int, sampler: Sampler, stop: tuple[str, ...],
-                info: _StreamInfo) -> Iterator[str]:
+                info: _StreamInfo, constraint: Any = None) -> Iterator[str]:
         with self._exclusive():
             eng = self.engine
             keep = min(common_prefix(eng.tokens, ids), len(ids) - 1)
             eng.truncate(keep)
-            gen = Generation(eng, self.tokenizer, ids[keep:], max_tokens, sampler, stop_strings=stop)
+            gen = Generation(eng, self.tokenizer, ids[keep:], max_tokens, sampler, stop_strings=stop,
+                             constraint=constraint)
             gen.reused = self.last_reused = keep
             info.generation = gen
             try:
@@ -257,6 +285,92 @@ class Model:
         ids = self.template.encode(self.tokenizer, messages)
         return self.generate(ids, max_tokens, temperature, top_k, top_p, seed, stream,
                              min_p=min_p, repeat_penalty=repeat_penalty, stop=stop, sampling=sampling)
+
+    # ---- OpenAI's shapes -----------------------------------------------------------------------
+
+    def chat_completion(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
+        response_format: Mapping[str, Any] | None = None,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        stream: bool = False,
+        **options: Any,
+    ) -> dict[str, Any] | Iterator[dict[str, Any]]:
+        """OpenAI's ``chat.completion`` object for ``messages`` (an iterator of ``chat.completion.chunk``
+        dicts with ``stream=True``), through exactly the code ``/v1/chat/completions`` runs.
+
+        ``tools`` / ``tool_choice`` ("auto", "none", "required" or ``{"type": "function", "function":
+        {"name": ...}}``) render through the model's chat template; calls come back as
+        ``message.tool_calls`` with their JSON held to each function's parameter schema.
+        ``response_format`` ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema":
+        {"name", "schema"}}`` constrains the reply. ``logprobs`` / ``top_logprobs`` (up to 20) report the
+        model's own log-probabilities. Defaults are the server's (llama-server's: temperature 0.8,
+        top-k 40, top-p 0.95, min-p 0.05); ``options`` takes the other request fields (``min_p``,
+        ``presence_penalty``, ``logit_bias``, ``parallel_tool_calls``, ``stream_options``, ...).
+        Bad input raises ``qwenlite.chat.openai.RequestError`` (a ``QwenliteError``) naming the field.
+        """
+        body = {"messages": [dict(m) for m in messages], "tools": tools, "tool_choice": tool_choice,
+                "response_format": response_format, "logprobs": logprobs or None,
+                "top_logprobs": top_logprobs or None, "max_tokens": max_tokens, "temperature": temperature,
+                "top_p": top_p, "top_k": top_k, "seed": seed, "stop": stop, "stream": stream, **options}
+        c = openai.prepare_chat(self, {k: v for k, v in body.items() if v is not None})
+        return self._openai(c, "chat")
+
+    def completion(self, prompt: str | Sequence[int], *, logprobs: int | None = None, max_tokens: int | None = None,
+                   temperature: float | None = None, stream: bool = False,
+                   **options: Any) -> dict[str, Any] | Iterator[dict[str, Any]]:
+        """OpenAI's ``text_completion`` object (chunks with ``stream=True``), as ``/v1/completions``
+        answers it; ``logprobs=N`` (0..20) gives the legacy logprobs shape."""
+        body = {"prompt": prompt if isinstance(prompt, str) else [int(t) for t in prompt], "logprobs": logprobs,
+                "max_tokens": max_tokens, "temperature": temperature, "stream": stream, **options}
+        c = openai.prepare_text(self, {k: v for k, v in body.items() if v is not None})
+        return self._openai(c, "text")
+
+    def _openai(self, c: openai.Completion, kind: str) -> dict[str, Any] | Iterator[dict[str, Any]]:
+        asm = c.assembler(kind, self.path.stem, self.tokenizer)
+        if c.stream:
+            return self._openai_chunks(c, asm)
+        result = None
+        for u in self._schedule(c):
+            result = u.result or result
+        assert result is not None
+        if result.finish_reason == "error":
+            raise QwenliteError(result.error or "generation failed")
+        return asm.response(result)
+
+    def _openai_chunks(self, c: openai.Completion, asm: openai.Assembler) -> Iterator[dict[str, Any]]:
+        yield asm.first()
+        for u in self._schedule(c):
+            yield from asm.chunks(u)
+
+    def _schedule(self, c: openai.Completion) -> Iterator[Update]:
+        """Run one request through a scheduler in this thread, yielding its updates as they come."""
+        updates: list[Update] = []
+        with self._exclusive():
+            sched = Scheduler(self.runtime, self.tokenizer)
+            req = sched.submit(c.request(updates.append))
+            try:
+                while sched.step() or updates:
+                    done = any(u.result is not None for u in updates)
+                    for u in updates:
+                        if u.result is not None:
+                            self.last_reused = u.result.cached_tokens
+                    yield from updates
+                    updates.clear()
+                    if done:
+                        return
+            finally:
+                req.cancel()  # a stream closed early: its slot keeps what was evaluated
 
     # ---- many sequences ----------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from typing import Protocol
 
 import numpy as np
 
+from qwenlite.chat.constrain import Constraint
 from qwenlite.chat.sampler import Sampler
 from qwenlite.chat.template import IM_END, IM_START
 from qwenlite.errors import CancelledError, QwenliteError
@@ -107,7 +108,7 @@ class Generation:
 
     def __init__(self, engine: Engine, tokenizer: object, prompt_ids: Sequence[int], max_tokens: int,
                  sampler: Sampler, stop_ids: Iterable[int] | None = None,
-                 stop_strings: Sequence[str] = ()) -> None:
+                 stop_strings: Sequence[str] = (), constraint: Constraint | None = None) -> None:
         prompt_ids = [int(t) for t in prompt_ids]
         if not prompt_ids:
             raise QwenliteError("the prompt is empty; give at least one token")
@@ -123,6 +124,7 @@ class Generation:
         self.prompt_ids = prompt_ids
         self.max_tokens = max_tokens
         self.sampler = sampler
+        self.constraint = constraint
         self.stream = TextStream(tokenizer, stop_ids, stop_strings)
         self.tokens: list[int] = []
         self.evaluated = 0
@@ -152,9 +154,12 @@ class Generation:
             return
         reason = "length"
         while len(self.tokens) < self.max_tokens:
-            tok = self.sampler.sample(logits, history)
+            c = self.constraint
+            tok = self.sampler.sample(c.apply(logits) if c is not None else logits, history)
             piece = stream.push(tok)
             if tok not in stream.stop_ids:
+                if c is not None:
+                    c.accept(tok)
                 self.tokens.append(tok)
                 history.append(tok)
             if piece:

@@ -50,7 +50,8 @@ BUILTIN_CHATML = """\
 {%- if sys is not none or tools %}
 {{- '<|im_start|>system\\n' + (sys or '') }}
 {%- if tools %}
-{{- '\\n\\n# Tools\\n\\nCall a function by writing <tool_call>{"name": ..., "arguments": {...}}</tool_call>. Functions:' }}
+{{- '\\n\\n# Tools\\n\\nCall a function by writing' }}
+{{- ' <tool_call>{"name": ..., "arguments": {...}}</tool_call>. Functions:' }}
 {%- for tool in tools %}{{ '\\n' + (tool | tojson) }}{% endfor %}
 {%- endif %}
 {{- '<|im_end|>\\n' }}
@@ -63,7 +64,8 @@ BUILTIN_CHATML = """\
 {%- elif not (loop.first and m.role == 'system') %}
 {{- '<|im_start|>' + m.role + '\\n' + m.content }}
 {%- for call in m.tool_calls or [] %}
-{{- '\\n<tool_call>\\n{"name": "' + call.function.name + '", "arguments": ' + (call.function.arguments | tojson) + '}\\n</tool_call>' }}
+{{- '\\n<tool_call>\\n{"name": "' + call.function.name + '", "arguments": ' }}
+{{- (call.function.arguments | tojson) + '}\\n</tool_call>' }}
 {%- endfor %}
 {{- '<|im_end|>\\n' }}
 {%- endif %}

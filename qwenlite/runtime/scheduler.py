@@ -33,10 +33,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from qwenlite.chat import logprobs as lp
+from qwenlite.chat.constrain import Constraint
 from qwenlite.chat.generate import TextStream, default_stop_ids
 from qwenlite.chat.sampler import Sampler, SamplerConfig
 from qwenlite.chat.session import common_prefix
-from qwenlite.errors import QwenliteError
+from qwenlite.errors import CancelledError, QwenliteError
 from qwenlite.runtime.engine import Engine
 
 log = logging.getLogger("qwenlite.scheduler")
@@ -66,20 +68,25 @@ class Result:
     t_submit: float = 0.0
     t_first: float | None = None  # when the first token was sampled
     t_done: float = 0.0
+    logprobs: list[dict] | None = None  # one entry per token of ``tokens`` when the request asked
 
 
 @dataclass
 class Update:
-    """One delivery to a request's ``emit``: a text piece, and on the last one the ``Result``."""
+    """One delivery to a request's ``emit``: a text piece, and on the last one the ``Result``.
+    ``logprobs`` holds the entries of the tokens sampled since the previous update."""
 
     text: str = ""
     result: Result | None = None
+    logprobs: list[dict] | None = None
 
 
 @dataclass(eq=False)
 class Request:
     """A prompt to complete. ``max_tokens`` is capped by the scheduler to what a slot can hold;
-    ``ignore_eos`` bans the end-of-turn tokens (benchmarks with a fixed length use it)."""
+    ``ignore_eos`` bans the end-of-turn tokens (benchmarks with a fixed length use it). ``constraint``
+    masks each step's logits (a grammar, ``chat.constrain``); ``logprobs`` (None: off) asks for each
+    token's log-probability and that many alternatives."""
 
     ids: list[int]
     max_tokens: int
@@ -87,6 +94,8 @@ class Request:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     emit: Callable[[Update], None] | None = None
+    constraint: Constraint | None = None
+    logprobs: int | None = None
     id: int = field(default_factory=itertools.count().__next__)
     t_submit: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
@@ -111,6 +120,8 @@ class _Slot:
         self.tokens: list[int] = []
         self.text: list[str] = []
         self.t_first: float | None = None
+        self.logprobs: list[dict] | None = [] if req.logprobs is not None else None
+        self.unsent = 0  # logprob entries not yet delivered
 
 
 @dataclass
@@ -247,14 +258,22 @@ class Scheduler:
             tail += slot.stream.flush()
         slot.text.append(tail)
         res = Result("".join(slot.text), slot.tokens, reason, len(req.ids), slot.cached, error,
-                     req.t_submit, slot.t_first, time.perf_counter())
+                     req.t_submit, slot.t_first, time.perf_counter(), slot.logprobs)
         self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
         self.stats.completion_tokens += len(slot.tokens)
         slot.req = None
         slot.last_used = time.perf_counter()
         if error is not None:
             self.engine.clear(slot.index)  # what it holds may be half a forward pass
-        self._emit(req, Update(tail, res))
+        self._emit(req, Update(tail, res, self._unsent(slot)))
+
+    @staticmethod
+    def _unsent(slot: _Slot) -> list[dict] | None:
+        if slot.logprobs is None:
+            return None
+        out = slot.logprobs[len(slot.logprobs) - slot.unsent:]
+        slot.unsent = 0
+        return out
 
     def _emit(self, req: Request, update: Update) -> None:
         if req.emit is not None:
@@ -335,8 +354,9 @@ class Scheduler:
             msg = str(exc) if isinstance(exc, QwenliteError) else f"internal error: {type(exc).__name__}: {exc}"
             if not isinstance(exc, QwenliteError):
                 log.exception("decode failed")
+            reason = "cancelled" if isinstance(exc, CancelledError) else "error"
             for s, _ in taken:
-                self._finish(s, "error", msg)
+                self._finish(s, reason, msg)
             return True
         now = time.perf_counter()
         self.stats.steps += 1
@@ -348,7 +368,12 @@ class Scheduler:
             if n < len(s.feed):
                 s.feed = s.feed[n:]
                 continue
-            self._sample(s, logits[row], now)
+            try:
+                self._sample(s, logits[row], now)
+            except Exception as exc:  # a constraint that failed, a bad logit bias: this request only
+                if not isinstance(exc, QwenliteError):
+                    log.exception("sampling failed")
+                self._finish(s, "error", str(exc))
             row += 1
             produced += 1
         self.stats.recent.append((now, produced))
@@ -357,11 +382,17 @@ class Scheduler:
     def _sample(self, s: _Slot, row: np.ndarray, now: float) -> None:
         req = s.req
         assert req is not None
-        tok = s.sampler.sample(row, s.history)
+        c = req.constraint
+        tok = s.sampler.sample(c.apply(row) if c is not None else row, s.history)
         if s.t_first is None:
             s.t_first = now
         piece = s.stream.push(tok)
         if tok not in s.stream.stop_ids:
+            if c is not None:
+                c.accept(tok)
+            if s.logprobs is not None:
+                s.logprobs.append(lp.entry(self.tokenizer, row, tok, req.logprobs))
+                s.unsent += 1
             s.tokens.append(tok)
             s.history.append(tok)
         if s.stream.stopped:
@@ -372,7 +403,7 @@ class Scheduler:
             return
         s.text.append(piece)
         if piece:
-            self._emit(req, Update(piece))
+            self._emit(req, Update(piece, logprobs=self._unsent(s)))
         s.feed = [tok]
 
     def run_until_idle(self, requests: Sequence[Request]) -> None:

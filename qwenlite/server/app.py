@@ -1,10 +1,10 @@
 """The Starlette app of ``qwenlite serve``: OpenAI routes over one continuous-batching scheduler.
 
 The scheduler runs in its own thread and owns the model; handlers on the event loop parse and check a
-request (``protocol``), submit it, and relay the text pieces the scheduler emits through an asyncio
-queue (``call_soon_threadsafe``). The kernels release the GIL, so the loop keeps accepting requests
-and sending chunks while a forward pass runs. A client that goes away cancels its request: the slot is
-free after the current step.
+request (``chat.openai``, the code the Python API's ``chat_completion`` runs too), submit it, and relay
+the text pieces the scheduler emits through an asyncio queue (``call_soon_threadsafe``). The kernels
+release the GIL, so the loop keeps accepting requests and sending chunks while a forward pass runs. A
+client that goes away cancels its request: the slot is free after the current step.
 
 One guard in front of every route enforces the API key (constant-time compare; ``/health`` and the
 static chat page are open), counts responses by status for ``/metrics``, and turns anything unexpected
@@ -33,10 +33,10 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from qwenlite.chat import openai as proto
 from qwenlite.errors import QwenliteError
 from qwenlite.runtime.scheduler import QueueFullError, Result, Update
 from qwenlite.runtime.scheduler import Request as Job
-from qwenlite.server import protocol as proto
 
 log = logging.getLogger("qwenlite.server")
 
@@ -68,7 +68,7 @@ class _Guard:
         if self.key is not None and scope["path"] not in OPEN_PATHS and scope["method"] != "OPTIONS":
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(given, b"Bearer " + self.key):
-                err = proto.ApiError(401, "invalid or missing API key: send 'Authorization: Bearer KEY'",
+                err = proto.RequestError(401, "invalid or missing API key: send 'Authorization: Bearer KEY'",
                                  code="invalid_api_key", kind="authentication_error")
                 await _error_response(err)(scope, receive, counted)
                 return
@@ -77,11 +77,11 @@ class _Guard:
         except Exception:
             log.exception("unhandled error on %s %s", scope["method"], scope["path"])
             if not started:
-                err = proto.ApiError(500, "internal server error", code="internal_error", kind="server_error")
+                err = proto.RequestError(500, "internal server error", code="internal_error", kind="server_error")
                 await _error_response(err)(scope, receive, counted)
 
 
-def _error_response(err: proto.ApiError) -> JSONResponse:
+def _error_response(err: proto.RequestError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
@@ -106,35 +106,34 @@ class Server:
     async def _json(self, request: Request) -> dict[str, Any]:
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > self.max_body:
-            raise proto.ApiError(413, f"request body is {size} bytes; the limit is {self.max_body}",
+            raise proto.RequestError(413, f"request body is {size} bytes; the limit is {self.max_body}",
                              code="request_too_large")
         chunks, total = [], 0
         try:
             async for chunk in request.stream():
                 total += len(chunk)
                 if total > self.max_body:
-                    raise proto.ApiError(413, f"request body exceeds the limit of {self.max_body} bytes",
+                    raise proto.RequestError(413, f"request body exceeds the limit of {self.max_body} bytes",
                                      code="request_too_large")
                 chunks.append(chunk)
         except ClientDisconnect:
-            raise proto.ApiError(400, "the client disconnected while sending the body") from None
+            raise proto.RequestError(400, "the client disconnected while sending the body") from None
         try:
             body = json.loads(b"".join(chunks))
         except (ValueError, RecursionError) as exc:
-            raise proto.ApiError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from None
+            raise proto.RequestError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from None
         if not isinstance(body, dict):
-            raise proto.ApiError(400, "the body must be a JSON object", code="invalid_json")
+            raise proto.RequestError(400, "the body must be a JSON object", code="invalid_json")
         return body
 
     def _submit(self, c: proto.Completion, emit: Callable[[Update], None]) -> Job:
-        job = Job(c.ids, c.max_tokens, c.sampling, c.stop, c.ignore_eos, emit=emit)
         try:
-            return self.scheduler.submit(job)
+            return self.scheduler.submit(c.request(emit))
         except QueueFullError as exc:
-            raise proto.ApiError(503, str(exc), code="server_busy", kind="server_error",
-                             headers={"Retry-After": "1"}) from None
+            raise proto.RequestError(503, str(exc), code="server_busy", kind="server_error",
+                                     headers={"Retry-After": "1"}) from None
         except QwenliteError as exc:
-            raise proto.ApiError(400, str(exc)) from None
+            raise proto.RequestError(400, str(exc)) from None
 
     async def _complete(self, request: Request, kind: str, c: proto.Completion) -> Response:
         loop = asyncio.get_running_loop()
@@ -144,17 +143,17 @@ class Server:
             loop.call_soon_threadsafe(updates.put_nowait, u)
 
         job = self._submit(c, emit)
-        shapes = proto.Shapes(kind, self.name)
+        asm = c.assembler(kind, self.name, self.model.tokenizer)
         if c.stream:
-            return StreamingResponse(self._events(job, updates, shapes, c.include_usage),
-                                     media_type="text/event-stream",
+            return StreamingResponse(self._events(job, updates, asm), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         res = await self._wait(request, job, updates)
         if res is None:  # the client went away; nobody reads this
             return Response(status_code=499)
         if res.finish_reason == "error":
-            raise proto.ApiError(500, res.error or "generation failed", code="internal_error", kind="server_error")
-        return JSONResponse(shapes.full(res))
+            raise proto.RequestError(500, res.error or "generation failed", code="internal_error",
+                                     kind="server_error")
+        return JSONResponse(asm.response(res))
 
     async def _wait(self, request: Request, job: Job, updates: asyncio.Queue[Update]) -> Result | None:
         async def gone() -> None:
@@ -176,26 +175,16 @@ class Server:
             watch.cancel()
             job.cancel()  # a no-op once finished
 
-    async def _events(self, job: Job, updates: asyncio.Queue[Update], shapes: proto.Shapes,
-                      include_usage: bool) -> AsyncIterator[str]:
+    async def _events(self, job: Job, updates: asyncio.Queue[Update], asm: proto.Assembler) -> AsyncIterator[str]:
         try:
-            yield _sse(shapes.chunk("" if shapes.chat else None, role=True))
+            yield _sse(asm.first())
             while True:
                 u = await updates.get()
-                if u.text:
-                    yield _sse(shapes.chunk(u.text))
-                res = u.result
-                if res is None:
-                    continue
-                if res.finish_reason == "error":
-                    yield _sse(proto.ApiError(500, res.error or "generation failed", code="internal_error",
-                                              kind="server_error").body())
-                else:
-                    yield _sse(shapes.chunk(None, res))
-                    if include_usage:
-                        yield _sse(shapes.usage_chunk(res))
-                yield "data: [DONE]\n\n"
-                return
+                for chunk in asm.chunks(u):
+                    yield _sse(chunk)
+                if u.result is not None:
+                    yield "data: [DONE]\n\n"
+                    return
         finally:
             job.cancel()  # the client left (or we are done): free the slot within one step
 
@@ -203,27 +192,13 @@ class Server:
 
     async def chat_completions(self, request: Request) -> Response:
         body = await self._json(request)
-        messages = proto.parse_messages(body)
-        m = self.model
-
-        def prepare() -> proto.Completion:
-            try:
-                ids = m.template.encode(m.tokenizer, messages)
-            except QwenliteError as exc:
-                raise proto.ApiError(400, str(exc), param="messages") from None
-            return proto.completion(body, ids, m.n_ctx, m.config.n_vocab)
-
-        return await self._complete(request, "chat", await run_in_threadpool(prepare))
+        c = await run_in_threadpool(proto.prepare_chat, self.model, body)
+        return await self._complete(request, "chat", c)
 
     async def completions(self, request: Request) -> Response:
         body = await self._json(request)
-        m = self.model
-
-        def prepare() -> proto.Completion:
-            ids = proto.parse_prompt(body, m.tokenize, m.config.n_vocab)
-            return proto.completion(body, ids, m.n_ctx, m.config.n_vocab)
-
-        return await self._complete(request, "text", await run_in_threadpool(prepare))
+        c = await run_in_threadpool(proto.prepare_text, self.model, body)
+        return await self._complete(request, "text", c)
 
     async def models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [
@@ -268,7 +243,7 @@ class Server:
         body = await self._json(request)
         content = body.get("content")
         if not isinstance(content, str):
-            raise proto.ApiError(400, "content: must be a string", param="content", code="invalid_type")
+            raise proto.RequestError(400, "content: must be a string", param="content", code="invalid_type")
         tok = self.model.tokenizer
         special = proto.boolean(body, "parse_special", True)  # llama-server's default
         add = proto.boolean(body, "add_special", False)
@@ -283,10 +258,10 @@ class Server:
         ids = body.get("tokens", [])
         n = self.model.config.n_vocab
         if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-            raise proto.ApiError(400, "tokens: must be a list of token ids", param="tokens", code="invalid_type")
+            raise proto.RequestError(400, "tokens: must be a list of token ids", param="tokens", code="invalid_type")
         bad = [t for t in ids if not 0 <= t < n]
         if bad:
-            raise proto.ApiError(400, f"tokens: id {bad[0]} out of range 0..{n - 1}", param="tokens")
+            raise proto.RequestError(400, f"tokens: id {bad[0]} out of range 0..{n - 1}", param="tokens")
         return JSONResponse({"content": self.model.detokenize(ids)})
 
     async def page_route(self, request: Request) -> Response:
@@ -294,7 +269,7 @@ class Server:
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, proto.ApiError)
+    assert isinstance(exc, proto.RequestError)
     return _error_response(exc)
 
 
@@ -302,7 +277,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
     msg = f"no route {request.method} {request.url.path}" if exc.status_code in (404, 405) else str(exc.detail)
-    return _error_response(proto.ApiError(exc.status_code, msg, code=str(exc.status_code), kind=kind))
+    return _error_response(proto.RequestError(exc.status_code, msg, code=str(exc.status_code), kind=kind))
 
 
 def build(model: Any, *, api_key: str | None = None, queue: int = 64, cors_origin: str | None = None,
@@ -337,6 +312,6 @@ def build(model: Any, *, api_key: str | None = None, queue: int = 64, cors_origi
                                      allow_headers=["Authorization", "Content-Type"]))
     middleware.append(Middleware(_Guard, api_key=api_key, statuses=srv.statuses))
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
-                    exception_handlers={proto.ApiError: _api_error, HTTPException: _http_error})
+                    exception_handlers={proto.RequestError: _api_error, HTTPException: _http_error})
     app.state.server = srv
     return app
