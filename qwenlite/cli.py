@@ -76,6 +76,35 @@ def _read_prompt(args: argparse.Namespace) -> str:
     return args.prompt
 
 
+def _text_or_file(value: str, what: str) -> str:
+    """llama.cpp's ``--grammar`` / ``--json-schema`` take the text itself; a path to a file works too."""
+    path = Path(value)
+    if len(value) < 4096 and "\n" not in value and path.is_file():
+        try:
+            return path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise QwenliteError(f"cannot read {what} file {value}: {exc}") from exc
+    return value
+
+
+def _grammar(args: argparse.Namespace, model: Any) -> Any:
+    """The ``--grammar`` / ``--json-schema`` constraint, compiled for ``model`` (None without one)."""
+    grammar = args.grammar_file or args.grammar
+    schema = args.json_schema_file or args.json_schema
+    if grammar is not None and schema is not None:
+        raise QwenliteError("give --grammar or --json-schema, not both")
+    if grammar is not None:
+        return model.grammar(grammar=_text_or_file(grammar, "grammar"))
+    if schema is not None:
+        text = _text_or_file(schema, "JSON schema")
+        try:
+            parsed = json.loads(text)
+        except ValueError as exc:
+            raise QwenliteError(f"the JSON schema is not valid JSON: {exc}") from None
+        return model.grammar(json_schema=parsed)
+    return None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Raw completion. The prompt is taken verbatim and special tokens in it are parsed (as llama.cpp's
     ``-p`` does), so a hand-written ChatML prompt works; use ``chat`` for untrusted user text."""
@@ -83,7 +112,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     model = _load(args)
     ids = model.tokenize(prompt, special=True)
     t0 = time.perf_counter()
-    gen = model.generate(ids, args.n_predict, stream=True, stop=args.stop, sampling=_sampling(args))
+    gen = model.generate(ids, args.n_predict, stream=True, stop=args.stop, sampling=_sampling(args),
+                         grammar=_grammar(args, model))
     _emit(gen)
     if sys.stdout.isatty():
         sys.stdout.write("\n")
@@ -109,7 +139,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     model = _load(args)
     session = ChatSession.from_model(model, system=args.system, sampler=_sampler(args),
-                                     max_tokens=args.n_predict, stop_strings=args.stop)
+                                     max_tokens=args.n_predict, stop_strings=args.stop, grammar=_grammar(args, model))
     if args.prompt is not None:
         _emit(session.send(args.prompt))
         sys.stdout.write("\n")
@@ -326,6 +356,12 @@ def _add_sampling(p: argparse.ArgumentParser, n_default: int, temp_default: floa
     p.add_argument("--repeat-penalty", type=float, default=1.0, help="llama.cpp repetition penalty; 1 = off")
     p.add_argument("--repeat-last-n", type=int, default=64, help="tokens the penalty looks back over")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--grammar", default=None, metavar="GRAMMAR",
+                   help="constrain the output to a GBNF (llama.cpp) or Lark grammar: the text, or a file")
+    p.add_argument("--grammar-file", default=None, metavar="FILE", help=argparse.SUPPRESS)
+    p.add_argument("-j", "--json-schema", default=None, metavar="SCHEMA",
+                   help="constrain the output to JSON valid for this schema: the JSON text, or a file")
+    p.add_argument("-jf", "--json-schema-file", default=None, metavar="FILE", help=argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -227,6 +227,30 @@ def test_chat_one_reply_and_piped_repl(tmp_path: Path, real_model_path: Path) ->
 
 
 @needs_loader
+def test_grammar_and_json_schema_flags(tmp_path: Path, real_model_path: Path) -> None:
+    pytest.importorskip("llguidance")
+    schema = {"type": "object", "properties": {"lang": {"enum": ["python", "go"]}, "year": {"type": "integer"}},
+              "required": ["lang", "year"], "additionalProperties": False}
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    (tmp_path / "yn.gbnf").write_text('root ::= "yes" | "no"\n')
+    proc = cli_run("chat", "-m", str(real_model_path), "--prompt", "Which is older, and when was it made?",
+                   "--json-schema", str(tmp_path / "s.json"), "--temp", "0", "-n", "60", home=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    reply = json.loads(proc.stdout)
+    assert reply["lang"] in ("python", "go") and isinstance(reply["year"], int)
+    proc = cli_run("run", "-m", str(real_model_path), "-p", "Is the sky blue? Answer:", "--grammar",
+                   str(tmp_path / "yn.gbnf"), "--temp", "0.8", "--seed", "2", "-n", "5", home=tmp_path)
+    assert proc.returncode == 0 and proc.stdout in ("yes", "no"), proc.stderr
+    proc = cli_run("run", "-m", str(real_model_path), "-p", "x", "--grammar", 'root ::= "a" | "b"', "-n", "3",
+                   home=tmp_path)  # inline text, as llama.cpp takes it
+    assert proc.returncode == 0 and proc.stdout in ("a", "b"), proc.stderr
+    assert_user_error(cli_run("run", "-m", str(real_model_path), "-p", "x", "--grammar", "root ::= (",
+                              home=tmp_path), "grammar cannot be compiled")
+    assert_user_error(cli_run("run", "-m", str(real_model_path), "-p", "x", "-j", '{"type": "strin"}',
+                              home=tmp_path), "JSON schema cannot be compiled")
+
+
+@needs_loader
 def test_run_errors_with_the_loader(tmp_path: Path, real_model_path: Path) -> None:
     cut = tmp_path / "cut.gguf"
     with real_model_path.open("rb") as f:

@@ -135,18 +135,19 @@ def parse_options(body: Mapping[str, Any], n_vocab: int) -> tuple[SamplerConfig,
         raise _bad("n", f"only n=1 is supported (one choice per request), got {n}", "unsupported_value")
     defaults = SamplerConfig()
     seed = _integer(body, "seed", -(2**63), 2**64 - 1, None)
+    fields = dict(
+        temperature=_number(body, "temperature", 0.0, 2.0, defaults.temperature),
+        top_p=max(_number(body, "top_p", 0.0, 1.0, defaults.top_p), 1e-9),  # 0 keeps the top token
+        top_k=_integer(body, "top_k", 0, None, defaults.top_k),
+        min_p=_number(body, "min_p", 0.0, 1.0, defaults.min_p),
+        repeat_penalty=_number(body, "repeat_penalty", 0.0, 10.0, defaults.repeat_penalty) or 1.0,
+        presence_penalty=_number(body, "presence_penalty", -2.0, 2.0, 0.0),
+        frequency_penalty=_number(body, "frequency_penalty", -2.0, 2.0, 0.0),
+        seed=None if seed is None or seed < 0 else seed,  # llama.cpp: -1 means random
+        logit_bias=_logit_bias(body, n_vocab),
+    )
     try:
-        sampling = SamplerConfig(
-            temperature=_number(body, "temperature", 0.0, 2.0, defaults.temperature),
-            top_p=max(_number(body, "top_p", 0.0, 1.0, defaults.top_p), 1e-9),  # 0 keeps the top token
-            top_k=_integer(body, "top_k", 0, None, defaults.top_k),
-            min_p=_number(body, "min_p", 0.0, 1.0, defaults.min_p),
-            repeat_penalty=_number(body, "repeat_penalty", 0.0, 10.0, defaults.repeat_penalty) or 1.0,
-            presence_penalty=_number(body, "presence_penalty", -2.0, 2.0, 0.0),
-            frequency_penalty=_number(body, "frequency_penalty", -2.0, 2.0, 0.0),
-            seed=None if seed is None or seed < 0 else seed,  # llama.cpp: -1 means random
-            logit_bias=_logit_bias(body, n_vocab),
-        )
+        sampling = SamplerConfig(**fields)
     except QwenliteError as exc:
         raise RequestError(400, str(exc), code="invalid_value") from None
     stream = boolean(body, "stream", False)

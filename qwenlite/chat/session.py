@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+from qwenlite.chat.constrain import Grammar
 from qwenlite.chat.generate import Engine, Generation
 from qwenlite.chat.sampler import Sampler
 from qwenlite.chat.template import ChatTemplate
@@ -30,7 +31,7 @@ class ChatSession:
 
     def __init__(self, engine: Engine, tokenizer: object, template: ChatTemplate,
                  system: str | None = None, sampler: Sampler | None = None,
-                 max_tokens: int = 512, stop_strings: Sequence[str] = ()) -> None:
+                 max_tokens: int = 512, stop_strings: Sequence[str] = (), grammar: Grammar | None = None) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.template = template
@@ -38,6 +39,7 @@ class ChatSession:
         self.sampler = sampler or Sampler()
         self.max_tokens = max_tokens
         self.stop_strings = tuple(stop_strings)
+        self.grammar = grammar  # every reply follows it (a fresh matcher per turn)
         self.history: list[dict[str, str]] = []
         self.cached: list[int] = []  # the token ids the engine's KV cache holds, in order
         self.last: Generation | None = None
@@ -97,7 +99,8 @@ class ChatSession:
             self.engine.truncate(keep)
         self.cached = self.cached[:keep]
         gen = Generation(self.engine, self.tokenizer, ids[keep:], max_tokens, self.sampler,
-                         stop_strings=self.stop_strings)
+                         stop_strings=self.stop_strings,
+                         constraint=self.grammar.start() if self.grammar is not None else None)
         self.last = gen
         pieces: list[str] = []
         try:
