@@ -264,7 +264,8 @@ def test_json_object_mode_and_grammars(real_model) -> None:
     date = real_model.grammar(regex=r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
     out = real_model.generate("Today's date: ", grammar=date, max_tokens=12)
     assert len(out) == 10 and out[4] == out[7] == "-"
-    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
     assert json.loads(real_model.generate("JSON: ", json_schema=schema, max_tokens=20)) in ({"ok": True}, {"ok": False})
 
 
