@@ -19,7 +19,7 @@ KV_ARGS      ?=
 CONVERT_ARGS ?=
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: install test test-peer lint peer peer-build peer-src peer-server bench bench-batch bench-kv bench-serve bench-venv bench-convert clean
+.PHONY: install test test-peer lint peer peer-build peer-src peer-server bench bench-batch bench-kv bench-serve bench-json bench-venv bench-convert clean
 
 # Editable install of qwenlite with the test extras.
 install:
@@ -98,6 +98,10 @@ bench-serve: peer-server bench-venv
 		$(PYTHON) -m benchmarks.bench_serve $(SERVE_ARGS)
 
 # Converter speed, qwenlite vs llama.cpp, HF -> Q4_K_M -> BENCHMARKS.md.
+# Decode under a JSON-schema constraint vs unconstrained (issue: tool calls and constrained output).
+bench-json:
+	$(PYTHON) -m benchmarks.bench_constrained $(JSON_ARGS)
+
 bench-convert: peer
 	$(PYTHON) -m benchmarks.bench_convert $(CONVERT_ARGS)
 
