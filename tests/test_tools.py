@@ -205,10 +205,22 @@ def test_parser_plain_text_and_bare_json() -> None:
 # ---------------------------------------------------------------- bad input
 
 
+DEEP: dict = {"type": "object"}
+for _ in range(300):
+    DEEP = {"type": "object", "properties": {"a": DEEP}, "required": ["a"]}
+
+
 @pytest.mark.parametrize("kwargs, param", [
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}},
      "response_format.json_schema"),
     ({"response_format": {"type": "xml"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#"}}}},
+     "response_format.json_schema"),  # compiles, but matches nothing
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": DEEP}}},
+     "response_format.json_schema"),
+    ({"response_format": {"type": "json_schema",
+                          "json_schema": {"name": "x", "schema": {"type": "array", "uniqueItems": True}}}},
+     "response_format.json_schema"),  # a keyword the engine cannot enforce: refused, not ignored
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": "a string"}}]}, "tools"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
                                                                             "properties": {"a": {"type": 7}}}}}]},
@@ -228,6 +240,8 @@ def test_bad_requests_name_the_field(real_model, kwargs: dict, param: str) -> No
 def test_bad_grammar_is_a_clear_error(real_model) -> None:
     with pytest.raises(QwenliteError, match="grammar cannot be compiled"):
         real_model.generate("x", grammar="start: ( unclosed", max_tokens=2)
+    with pytest.raises(QwenliteError, match="allows no output"):
+        real_model.generate("x", grammar="start: start", max_tokens=2)
     with pytest.raises(QwenliteError, match="regex cannot be compiled"):
         real_model.grammar(regex="a(")
 
@@ -457,3 +471,18 @@ def test_server_batches_requests_with_their_own_constraints(client) -> None:
             jsonschema.validate(json.loads(text), SCHEMAS[name])
         else:
             assert text
+
+
+def test_server_streamed_logprobs_and_completion_logprobs(client) -> None:
+    kw = {"model": "x", "messages": [{"role": "user", "content": "Count from 1 to 5."}], "temperature": 0,
+          "max_tokens": 16, "logprobs": True, "top_logprobs": 1}
+    full = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(stream=True, **kw))
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    want = full.choices[0].logprobs.content
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in want]  # bit-identical
+    assert len(want) == full.usage.completion_tokens
+    r = client.completions.create(model="x", prompt="def add(a, b):", max_tokens=8, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == r.usage.completion_tokens and "".join(lp.tokens) == r.choices[0].text
+    assert all(len(d) == 2 for d in lp.top_logprobs) and all(x <= 0 for x in lp.token_logprobs)

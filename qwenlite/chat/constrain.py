@@ -31,6 +31,11 @@ from qwenlite.errors import QwenliteError
 # cannot spend its whole budget on newlines, the classic failure of unbounded JSON grammars.
 JSON_OPTIONS = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,48}"}
 
+def _first_line(message: str) -> str:
+    lines = message.strip().splitlines()
+    return lines[0] if lines else "unknown error"
+
+
 _TOKENIZERS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
@@ -66,8 +71,15 @@ class Grammar:
         self._ll = ll_tokenizer(tokenizer)
         error = llg.LLMatcher.validate_grammar(spec, self._ll)
         if error:
-            raise QwenliteError(f"{what} cannot be compiled: {error.strip().splitlines()[0]}")
+            raise QwenliteError(f"{what} cannot be compiled: {_first_line(error)}")
         self.spec = spec
+        # A grammar can compile and still match nothing (``start: start``); that shows at the first
+        # mask, which is computed here, so the caller hears it before any generation starts.
+        probe = llg.LLMatcher(self._ll, spec, log_level=0)
+        probe.compute_bitmask()
+        if probe.is_error():
+            raise QwenliteError(f"{what} cannot be compiled: it allows no output at all "
+                                f"({_first_line(probe.get_error())})")
 
     @classmethod
     def json_schema(cls, tokenizer: Any, schema: Mapping[str, Any] | bool | None = None,
@@ -114,7 +126,7 @@ class Constraint:
         self.grammar = grammar
         self._m = llg.LLMatcher(grammar._ll, grammar.spec, log_level=0)
         if self._m.is_error():
-            raise QwenliteError(f"{grammar.what} cannot be compiled: {self._m.get_error()}")
+            raise QwenliteError(f"{grammar.what} cannot be compiled: {_first_line(self._m.get_error())}")
         self.n_vocab = grammar.tokenizer.n_vocab
         self._bits = np.zeros((self.n_vocab + 31) // 32, dtype=np.int32)
 
@@ -146,4 +158,4 @@ class Constraint:
 
     def _check(self) -> None:
         if self._m.is_error():
-            raise QwenliteError(f"{self.grammar.what}: the constraint failed: {self._m.get_error()}")
+            raise QwenliteError(f"{self.grammar.what}: the constraint failed: {_first_line(self._m.get_error())}")
