@@ -96,7 +96,8 @@ def main() -> None:
         "## Constrained decoding (JSON schema) vs unconstrained",
         "",
         f"`python3 -m benchmarks.bench_constrained -n {args.n_gen} -r {args.reps} -t {args.threads}`, "
-        f"model `{path.name}`, greedy, one sequence, {len(tokens)} tokens per run, the three runs alternating in one process.",
+        f"model `{path.name}`, greedy, one sequence, {len(tokens)} tokens per run, "
+        "the three runs alternating in one process.",
         machine_summary(),
         "",
         "| decode | tok/s | vs unconstrained |",
