@@ -330,9 +330,12 @@ def prepare_chat(model: Any, body: Mapping[str, Any]) -> Completion:
     messages = parse_messages(body)
     try:
         tools = tl.check_tools(body.get("tools"))
+    except QwenliteError as exc:
+        raise _bad("tools", str(exc)) from None
+    try:
         choice = tl.check_choice(body.get("tool_choice"), tools)
     except QwenliteError as exc:
-        raise _bad("tools" if "tool_choice" not in str(exc) else "tool_choice", str(exc)) from None
+        raise _bad("tool_choice", str(exc)) from None
     parallel = boolean(body, "parallel_tool_calls", True)
     try:
         ids = model.template.encode(model.tokenizer, messages, tools=tools or None)
