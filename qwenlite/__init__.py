@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING, Any
 # is safe when several Python threads call kernels. Falls back to workqueue where OpenMP is missing.
 os.environ.setdefault("NUMBA_THREADING_LAYER_PRIORITY", "omp tbb workqueue")
 
-from qwenlite.errors import GGUFError, QwenliteError  # noqa: E402
+from qwenlite.errors import GGUFError, QwenliteError, QwenliteWarning  # noqa: E402
 
 if TYPE_CHECKING:
     from qwenlite.api import Model, load
 
 __version__ = "0.1.0"
 
-__all__ = ["GGUFError", "Model", "QwenliteError", "__version__", "load", "serve"]
+__all__ = ["GGUFError", "Model", "QwenliteError", "QwenliteWarning", "__version__", "load", "serve"]
 
 
 def __getattr__(name: str) -> Any:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 import numba
 import numpy as np
 
+from qwenlite import hub
 from qwenlite.backends import get_backend
 from qwenlite.chat import openai
 from qwenlite.chat.constrain import Grammar
@@ -29,7 +31,7 @@ from qwenlite.chat.generate import Generation
 from qwenlite.chat.sampler import Sampler, SamplerConfig
 from qwenlite.chat.session import common_prefix
 from qwenlite.chat.template import ChatTemplate
-from qwenlite.errors import QwenliteError
+from qwenlite.errors import QwenliteError, QwenliteWarning
 from qwenlite.gguf.reader import GGUFFile
 from qwenlite.model.config import ModelConfig
 from qwenlite.model.qwen2 import Qwen2
@@ -113,15 +115,12 @@ class Model:
         if n_seq < 1:
             raise QwenliteError(f"n_seq (sequence slots) must be >= 1, got {n_seq}")
         self.kv_type = _kv_name(kv_type)
-        self.path = Path(path)
+        self.path = hub.resolve_model(os.fspath(path), progress=False)  # a file, or a known model's name
         self.file = GGUFFile(self.path)
         self.metadata = self.file.metadata
         self.config = ModelConfig.from_gguf(self.file)
         self.tokenizer = Tokenizer.from_metadata(self.metadata)
-        n_ctx = n_ctx or min(self.config.n_ctx_train, DEFAULT_N_CTX)
-        if n_ctx < 1:
-            raise QwenliteError(f"context size must be >= 1, got {n_ctx}")
-        self.n_ctx = n_ctx
+        n_ctx = self.n_ctx = check_n_ctx(n_ctx, self.config.n_ctx_train)
         self.backend = get_backend(backend)
         loader = Loader(self.file, LoadPolicy(interleave_experts=_fits_in_memory(self.path)))
         self.network = Qwen2(loader, self.config, n_ctx, self.backend)
@@ -129,6 +128,7 @@ class Model:
         self.engine = self.runtime.sequence(0)  # slot 0: generate / chat / logits
         self.template = ChatTemplate.from_metadata(self.metadata)
         self.last_reused = 0
+        self._closed = False
         self._lock = threading.Lock()
         self._owner: int | None = None
 
@@ -149,6 +149,8 @@ class Model:
         if self._owner == me:
             raise QwenliteError("this model is still streaming a previous generation in this thread; "
                                 "exhaust or close() that stream first")
+        if self._closed:
+            raise QwenliteError("this model has been closed; load it again")
         with self._lock:
             self._owner = me
             numba.set_num_threads(self.n_threads)
@@ -163,7 +165,16 @@ class Model:
         self.runtime.cancel()
 
     def _ids(self, prompt: str | Sequence[int], special: bool, what: str = "the prompt") -> list[int]:
-        ids = self.tokenize(prompt, special=special) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if isinstance(prompt, str):
+            ids = self.tokenize(prompt, special=special)
+        else:
+            if isinstance(prompt, bytes) or not isinstance(prompt, Sequence | np.ndarray):
+                raise QwenliteError(f"{what} must be text or a list of token ids, got {type(prompt).__name__}")
+            bad_type = [t for t in prompt if isinstance(t, bool) or not isinstance(t, int | np.integer)]
+            if bad_type:
+                raise QwenliteError(f"{what}: token ids must be integers, got {type(bad_type[0]).__name__} "
+                                    f"{str(bad_type[0])[:20]}")
+            ids = [int(t) for t in prompt]
         if not ids:
             raise QwenliteError(f"{what} is empty; give at least one token")
         n_vocab = self.config.n_vocab
@@ -459,6 +470,8 @@ class Model:
             self.runtime.clear()
 
     def close(self) -> None:
+        """Release the file; any later call on this model raises ``QwenliteError``."""
+        self._closed = True
         self.file.close()
 
     def __enter__(self) -> Model:
@@ -468,13 +481,37 @@ class Model:
         self.close()
 
 
+# Above the trained context RoPE extrapolates (badly, without a scaling method); far above it the request
+# is a mistake, refused before any address space is reserved for the cache.
+MAX_CTX_FACTOR = 8
+
+
+def check_n_ctx(n_ctx: int | None, n_ctx_train: int) -> int:
+    """The context per sequence: ``n_ctx`` checked against the trained context (None: the default)."""
+    if n_ctx is None:
+        return min(n_ctx_train, DEFAULT_N_CTX)
+    if isinstance(n_ctx, bool) or not isinstance(n_ctx, int | np.integer):
+        raise QwenliteError(f"context size must be an integer, got {type(n_ctx).__name__}")
+    if n_ctx < 1:
+        raise QwenliteError(f"context size must be >= 1, got {n_ctx}")
+    if n_ctx > MAX_CTX_FACTOR * n_ctx_train:
+        raise QwenliteError(f"context size {n_ctx} is more than {MAX_CTX_FACTOR}x the {n_ctx_train} tokens this "
+                            "model was trained on; no RoPE scaling makes that useful")
+    if n_ctx > n_ctx_train:
+        warnings.warn(f"context size {n_ctx} is above the {n_ctx_train} tokens this model was trained on; without "
+                      "RoPE scaling (YaRN, linear) in the file, positions beyond that degrade the output",
+                      QwenliteWarning, stacklevel=3)
+    return int(n_ctx)
+
+
 def _kv_name(name: str | None) -> str:
     return kv_type(name).name
 
 
 def load(path: str | os.PathLike[str], n_threads: int | None = None, n_ctx: int | None = None, *,
          n_seq: int = DEFAULT_N_SEQ, kv_type: str | None = None, n_batch: int = DEFAULT_N_BATCH) -> Model:
-    """Load a GGUF model. Weights stay quantized (repacked 8 rows at a time); ``n_ctx`` positions per
+    """Load a GGUF model (a path, or a known model's name as ``qwenlite pull --list`` shows, pulled on
+    first use). Weights stay quantized (repacked 8 rows at a time); ``n_ctx`` positions per
     sequence, ``n_seq`` sequence slots, KV cache of type ``kv_type`` ("f16" default, "f32", "q8_0"),
     prompts evaluated ``n_batch`` tokens per forward pass."""
     return Model(path, n_threads=n_threads, n_ctx=n_ctx, n_seq=n_seq, kv_type=kv_type, n_batch=n_batch)

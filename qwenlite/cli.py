@@ -1,4 +1,5 @@
-"""The ``qwenlite`` command line: run / chat / serve / info / pull / warmup / bench / convert / quantize.
+"""The ``qwenlite`` command line: run / chat / serve / info / show / list / rm / pull / warmup / bench /
+convert / quantize.
 
 Conventions every subcommand keeps: stdout carries only the product (generated text, JSON, the info
 report); status goes to stderr. Any ``QwenliteError`` becomes one ``error: ...`` line on stderr and exit
@@ -9,17 +10,27 @@ name (see ``qwenlite pull --list``) and defaults to the default model, pulled on
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import re
 import sys
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from qwenlite import hub
+from qwenlite import __version__, hub
 from qwenlite.chat.sampler import Sampler, SamplerConfig
-from qwenlite.errors import GGUFError, QwenliteError
+from qwenlite.errors import GGUFError, QwenliteError, QwenliteWarning
+
+# ``run``'s -n default, the same as ``Model.generate``'s max_tokens; ``chat`` runs to the end of the turn.
+DEFAULT_MAX_TOKENS = 256
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each flag's default."""
 
 
 def _load(args: argparse.Namespace, **extra: Any) -> Any:
@@ -31,7 +42,11 @@ def _load(args: argparse.Namespace, **extra: Any) -> Any:
     path = hub.resolve_model(args.model)
     from qwenlite.api import load  # imported lazily: `pull` and `--help` should not compile kernels
 
-    return load(path, n_threads=args.threads, n_ctx=args.ctx_size, kv_type=kv, **extra)
+    model = load(path, n_threads=args.threads, n_ctx=args.ctx_size, kv_type=kv, **extra)
+    if args.threads is not None and model.n_threads < args.threads:
+        print(f"warning: -t {args.threads} is more than the {model.n_threads} cores available; "
+              f"using {model.n_threads} threads", file=sys.stderr)
+    return model
 
 
 def _kv_type(args: argparse.Namespace) -> str | None:
@@ -45,35 +60,74 @@ def _kv_type(args: argparse.Namespace) -> str | None:
 
 
 def _sampling(args: argparse.Namespace) -> SamplerConfig:
+    """The sampling flags, checked before the model loads (a bad flag should not cost a load)."""
+    if args.n_predict < -1:
+        raise QwenliteError(f"-n/--n-predict must be >= -1 (-1 = until the end), got {args.n_predict}")
     return SamplerConfig(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                         repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n, seed=args.seed)
+                         repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n,
+                         presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                         seed=None if args.seed < 0 else args.seed)
 
 
-def _sampler(args: argparse.Namespace) -> Sampler:
-    return Sampler(_sampling(args))
+def _for_model(cfg: SamplerConfig, args: argparse.Namespace, model: Any) -> SamplerConfig:
+    """``--ignore-eos`` needs the model's end-of-turn ids: they are banned through the logit bias."""
+    if not args.ignore_eos:
+        return cfg
+    from qwenlite.chat.generate import default_stop_ids
+
+    ban = tuple((t, float("-inf")) for t in sorted(default_stop_ids(model.tokenizer)))
+    return dataclasses.replace(cfg, logit_bias=cfg.logit_bias + ban)
+
+
+def _max_tokens(args: argparse.Namespace, model: Any) -> int:
+    return model.n_ctx if args.n_predict < 0 else args.n_predict
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", "'": "'", '"': '"', "0": "\0", "a": "\a",
+            "b": "\b", "f": "\f", "v": "\v"}
+
+
+def _unescape(text: str) -> str:
+    """llama.cpp's ``-e``: backslash escapes in a prompt become the characters they name."""
+    return re.sub(r"\\(.)", lambda m: _ESCAPES.get(m.group(1), m.group(0)), text)
 
 
 def _emit(pieces: Iterable[str]) -> None:
-    for piece in pieces:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+    from qwenlite.repl import CompileNotice
+
+    notice = CompileNotice()
+    try:
+        for piece in pieces:
+            notice.done()
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    finally:
+        notice.done()
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
+    """The prompt of ``-p``, of ``-f FILE`` (``-f -``: stdin), or of a piped stdin."""
     if args.file is not None:
         if args.prompt is not None:
             raise QwenliteError("give the prompt with -p or -f, not both")
         try:
-            raw = Path(args.file).read_bytes()
+            raw = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
         except OSError as exc:
             raise QwenliteError(f"cannot read prompt file {args.file}: {exc.strerror or exc}") from exc
         try:
-            return raw.decode("utf-8")
+            text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise QwenliteError(f"prompt file {args.file} is not valid UTF-8 (bad byte at offset {exc.start})") from exc
-    if args.prompt is None:
-        raise QwenliteError("no prompt: give one with -p TEXT or -f FILE")
-    return args.prompt
+    elif args.prompt is not None:
+        text = args.prompt
+    elif not sys.stdin.isatty():
+        try:
+            text = sys.stdin.buffer.read().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise QwenliteError(f"the piped prompt is not valid UTF-8 (bad byte at offset {exc.start})") from exc
+    else:
+        raise QwenliteError("no prompt: give one with -p TEXT, -f FILE or on stdin")
+    return _unescape(text) if args.escape else text
 
 
 def _text_or_file(value: str, what: str) -> str:
@@ -108,61 +162,52 @@ def _grammar(args: argparse.Namespace, model: Any) -> Any:
 def cmd_run(args: argparse.Namespace) -> int:
     """Raw completion. The prompt is taken verbatim and special tokens in it are parsed (as llama.cpp's
     ``-p`` does), so a hand-written ChatML prompt works; use ``chat`` for untrusted user text."""
+    cfg = _sampling(args)
     prompt = _read_prompt(args)
     model = _load(args)
+    sampling = _for_model(cfg, args, model)
     ids = model.tokenize(prompt, special=True)
     t0 = time.perf_counter()
-    gen = model.generate(ids, args.n_predict, stream=True, stop=args.stop, sampling=_sampling(args),
+    gen = model.generate(ids, _max_tokens(args, model), stream=True, stop=args.stop, sampling=sampling,
                          grammar=_grammar(args, model))
-    _emit(gen)
+    from qwenlite.repl import COLOR_REPLY, COLOR_RESET, COLOR_USER
+
+    color = args.color and sys.stdout.isatty()
+    if color:
+        sys.stdout.write(f"{COLOR_USER}{prompt}{COLOR_REPLY}")
+    try:
+        _emit(gen)
+    finally:
+        if color:
+            sys.stdout.write(COLOR_RESET)
     if sys.stdout.isatty():
         sys.stdout.write("\n")
     if args.verbose:
         dt = time.perf_counter() - t0
+        seed = gen.generation.sampler.seed if gen.generation else None
         print(f"{len(ids)} prompt tokens, {len(gen.tokens)} generated in {dt:.2f} s "
-              f"({gen.finish_reason})", file=sys.stderr)
+              f"({gen.finish_reason}); seed {seed}", file=sys.stderr)
     return 0
-
-
-def _read_line(interactive: bool) -> str | None:
-    if interactive:
-        try:
-            return input("> ")
-        except EOFError:
-            return None
-    line = sys.stdin.readline()
-    return line.rstrip("\n") if line else None
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from qwenlite.chat.session import ChatSession
+    from qwenlite.repl import Repl
 
+    cfg = _sampling(args)
+    system = _unescape(args.system) if args.escape and args.system else args.system
     model = _load(args)
-    session = ChatSession.from_model(model, system=args.system, sampler=_sampler(args),
-                                     max_tokens=args.n_predict, stop_strings=args.stop, grammar=_grammar(args, model))
+    sampler = Sampler(_for_model(cfg, args, model))
+    if args.verbose:
+        print(f"seed {sampler.seed}", file=sys.stderr)
+    session = ChatSession.from_model(model, system=system, sampler=sampler, max_tokens=_max_tokens(args, model),
+                                     stop_strings=args.stop, grammar=_grammar(args, model))
     if args.prompt is not None:
-        _emit(session.send(args.prompt))
+        _emit(session.send(_unescape(args.prompt) if args.escape else args.prompt))
         sys.stdout.write("\n")
         return 0
-    interactive = sys.stdin.isatty()
-    if interactive:
-        print("chat with the model; /exit or Ctrl-D ends, /reset starts over", file=sys.stderr)
-    while (line := _read_line(interactive)) is not None:
-        text = line.strip()
-        if text in ("/exit", "/quit"):
-            break
-        if text == "/reset":
-            session.reset()
-            continue
-        if not text:
-            continue
-        try:
-            _emit(session.send(line))
-        except QwenliteError as exc:  # one bad turn (too long) should not end the conversation
-            print(f"error: {_one_line(exc)}", file=sys.stderr)
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-    return 0
+    interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    return Repl(session, interactive=interactive, color=args.color).run()
 
 
 def _fmt_value(value: Any) -> str:
@@ -178,11 +223,132 @@ def _fmt_value(value: Any) -> str:
     return text
 
 
+def _jsonable(value: Any) -> Any:
+    """A metadata value for ``info --json``: long arrays are summarized (a vocabulary is 150k strings)."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, list | tuple):
+        if len(value) > 64:
+            return {"array_of": type(value[0]).__name__ if value else "?", "length": len(value)}
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _human(n: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}".replace(".0" + unit, unit)
+    return str(int(n))
+
+
+def _summary(path: Path) -> dict[str, Any]:
+    """``show``'s facts about a GGUF file: what ollama's ``show`` tells, from the file alone."""
+    from qwenlite.gguf import names as gn
+    from qwenlite.gguf.constants import LlamaFileType
+    from qwenlite.gguf.reader import GGUFFile
+    from qwenlite.model.config import ModelConfig
+
+    with GGUFFile(path) as f:
+        md = f.metadata
+        cfg = ModelConfig.from_gguf(f)
+        n_params = sum(t.n_values for t in f.tensors.values())
+        ftype = md.get(gn.FILE_TYPE)
+        try:
+            quant = LlamaFileType(int(ftype)).name.removeprefix("MOSTLY_") if ftype is not None else None
+        except ValueError:
+            quant = f"file type {ftype}"
+        template = md.get(gn.CHAT_TEMPLATE)
+        entry = next((e for e in hub.load_manifest()[1].values() if e.file == path.name), None)
+        license_ = md.get("general.license") or (entry.license if entry else None)
+        return {"name": entry.name if entry else path.stem, "file": str(path), "size_bytes": path.stat().st_size,
+                "architecture": md.get(gn.ARCHITECTURE), "size_label": md.get("general.size_label"),
+                "parameters": n_params,
+                "parameters_human": _human(n_params), "quantization": quant,
+                "context_length": cfg.n_ctx_train, "embedding_length": cfg.n_embd, "layers": cfg.n_layer,
+                "heads": cfg.n_head, "kv_heads": cfg.n_head_kv,
+                "chat_template": isinstance(template, str) and bool(template.strip()),
+                "tools_in_template": isinstance(template, str) and "tools" in template,
+                "license": license_}
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    info = _summary(hub.resolve_model(args.model))
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    params = info["parameters_human"] + (f" (a {info['size_label']} model)" if info["size_label"] else "")
+    rows = [("architecture", info["architecture"]), ("parameters", params),
+            ("quantization", info["quantization"]), ("context length", info["context_length"]),
+            ("embedding length", info["embedding_length"]), ("layers", info["layers"]),
+            ("heads (kv)", f"{info['heads']} ({info['kv_heads']})"),
+            ("chat template", ("yes, with tools" if info["tools_in_template"] else "yes")
+             if info["chat_template"] else "no (ChatML is used)"),
+            ("license", info["license"] or "unknown"), ("file", info["file"]),
+            ("size", f"{info['size_bytes'] / 1e6:.0f} MB")]
+    print(f"  {info['name']}")
+    for k, v in rows:
+        print(f"    {k:<18}{v}")
+    return 0
+
+
+def _cached_models() -> list[tuple[str, Path]]:
+    """(name, path) of every GGUF in the cache: a known model's name, or the file's stem."""
+    d = hub.models_dir()
+    if not d.is_dir():
+        return []
+    known = {e.file: e.name for e in hub.load_manifest()[1].values()}
+    return sorted((known.get(p.name, p.stem), p) for p in d.glob("*.gguf") if p.is_file())
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    models = _cached_models()
+    if args.json:
+        print(json.dumps([{"name": n, "file": str(p), "size_bytes": p.stat().st_size,
+                           "modified": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(p.stat().st_mtime))}
+                          for n, p in models], indent=2))
+        return 0
+    if not models:
+        print(f"no models in {hub.models_dir()} (qwenlite pull NAME fetches one; pull --list shows them)",
+              file=sys.stderr)
+        return 0
+    width = max(len(n) for n, _ in models)
+    print(f"{'NAME':<{width}}  {'SIZE':>8}  MODIFIED")
+    for name, path in models:
+        st = path.stat()
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(st.st_mtime))
+        print(f"{name:<{width}}  {st.st_size / 1e6:6.0f} MB  {when}")
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    for name in args.models:
+        hits = [p for n, p in _cached_models() if name in (n, p.name, p.stem)]
+        if not hits:
+            raise QwenliteError(f"no model {name!r} in {hub.models_dir()} (qwenlite list shows what is there)")
+        for p in hits:
+            p.unlink()
+            print(f"deleted {p.name}", file=sys.stderr)
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from qwenlite.gguf.reader import GGUFFile
     from qwenlite.model.config import ModelConfig
 
     path = hub.resolve_model(args.model)
+    if args.json:
+        with GGUFFile(path) as f:
+            try:
+                hp: Any = vars(ModelConfig.from_gguf(f))
+            except GGUFError as exc:
+                hp = {"unavailable": _one_line(exc)}
+            doc = {"file": str(path), "size_bytes": path.stat().st_size,
+                   "metadata": {k: _jsonable(v) for k, v in f.metadata.items()},
+                   "hyperparameters": {k: _jsonable(v) for k, v in hp.items()},
+                   "tensors": [{"name": t.name, "type": t.qtype.name, "shape": list(t.shape), "bytes": t.nbytes}
+                               for t in f.tensors.values()]}
+        print(json.dumps(doc, indent=2, default=str))
+        return 0
     out: list[str] = []
     size = path.stat().st_size
     with GGUFFile(path) as f:
@@ -346,16 +512,31 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("-ctv", "--cache-type-v", default=None, help=argparse.SUPPRESS)
 
 
-def _add_sampling(p: argparse.ArgumentParser, n_default: int, temp_default: float) -> None:
-    p.add_argument("-n", "--n-predict", type=int, default=n_default, help="max tokens to generate")
-    p.add_argument("--temp", type=float, default=temp_default, help="temperature; 0 = greedy")
-    p.add_argument("--seed", type=int, default=None, help="random seed (reproducible sampling)")
-    p.add_argument("--top-k", type=int, default=40, help="keep the k most likely tokens; 0 = off")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus mass; 1 = off")
-    p.add_argument("--min-p", type=float, default=0.05, help="drop tokens below min-p x the best; 0 = off")
-    p.add_argument("--repeat-penalty", type=float, default=1.0, help="llama.cpp repetition penalty; 1 = off")
-    p.add_argument("--repeat-last-n", type=int, default=64, help="tokens the penalty looks back over")
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+def _add_sampling(p: argparse.ArgumentParser, n_default: int) -> None:
+    """Generation flags, spelled as llama.cpp spells them; the defaults are ``SamplerConfig``'s, the
+    same the Python API and the server use."""
+    d = SamplerConfig()
+    p.add_argument("-n", "--n-predict", type=int, default=n_default,
+                   help="max tokens to generate; -1 = until the end of the turn or of the context")
+    p.add_argument("--temp", "--temperature", dest="temp", type=float, default=d.temperature,
+                   help="temperature; 0 = greedy")
+    p.add_argument("-s", "--seed", type=int, default=-1, help="random seed; -1 = random (printed with -v)")
+    p.add_argument("--top-k", type=int, default=d.top_k, help="keep the k most likely tokens; 0 = off")
+    p.add_argument("--top-p", type=float, default=d.top_p, help="nucleus mass; 1 = off")
+    p.add_argument("--min-p", type=float, default=d.min_p, help="drop tokens below min-p x the best; 0 = off")
+    p.add_argument("--repeat-penalty", type=float, default=d.repeat_penalty,
+                   help="llama.cpp repetition penalty; 1 = off")
+    p.add_argument("--repeat-last-n", type=int, default=d.repeat_last_n, help="tokens the penalties look back over")
+    p.add_argument("--presence-penalty", type=float, default=d.presence_penalty, help="OpenAI's presence penalty")
+    p.add_argument("--frequency-penalty", type=float, default=d.frequency_penalty,
+                   help="OpenAI's frequency penalty")
+    p.add_argument("--ignore-eos", action="store_true", help="never stop at an end-of-turn token")
+    p.add_argument("-r", "--reverse-prompt", "--stop", dest="stop", action="append", default=[],
+                   help="stop string (repeatable)")
+    p.add_argument("-e", "--escape", action="store_true",
+                   help=r"process escapes (\n, \t, \\, \', \") in the prompt and system prompt")
+    p.add_argument("--color", action="store_true", help="on a terminal, show the prompt and reply in colour")
+    p.add_argument("-v", "--verbose", action="store_true", help="seed, token counts and time on stderr")
     p.add_argument("--grammar", default=None, metavar="GRAMMAR",
                    help="constrain the output to a GBNF (llama.cpp) or Lark grammar: the text, or a file")
     p.add_argument("--grammar-file", default=None, metavar="FILE", help=argparse.SUPPRESS)
@@ -366,26 +547,42 @@ def _add_sampling(p: argparse.ArgumentParser, n_default: int, temp_default: floa
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwenlite", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"qwenlite {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("run", help="raw text completion; stdout carries only the generated text")
+    p = sub.add_parser("run", help="raw text completion; stdout carries only the generated text",
+                       formatter_class=_Help)
     _add_model(p)
-    p.add_argument("-p", "--prompt", default=None, help="prompt text")
-    p.add_argument("-f", "--file", default=None, help="read the prompt from a UTF-8 file")
-    p.add_argument("-v", "--verbose", action="store_true", help="token counts and time on stderr")
-    _add_sampling(p, 128, 0.8)
+    p.add_argument("-p", "--prompt", default=None, help="prompt text (else -f, else a piped stdin)")
+    p.add_argument("-f", "--file", default=None, help="read the prompt from a UTF-8 file; - = stdin")
+    _add_sampling(p, DEFAULT_MAX_TOKENS)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("chat", help="interactive streaming chat (ChatML), or one reply with --prompt")
+    p = sub.add_parser("chat", help="interactive streaming chat, or one reply with -p", formatter_class=_Help)
     _add_model(p)
-    p.add_argument("-s", "--system", default=None, help="system prompt (default: the template's own)")
-    p.add_argument("--prompt", default=None, help="send this one message, print the reply and exit")
-    _add_sampling(p, 512, 0.7)
+    p.add_argument("-sys", "--system-prompt", "--system", dest="system", default=None,
+                   help="system prompt (default: the template's own)")
+    p.add_argument("-p", "--prompt", default=None, help="send this one message, print the reply and exit")
+    _add_sampling(p, -1)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("info", help="metadata, hyperparameters and tensor table of a GGUF file")
     p.add_argument("model", nargs="?", default=None, help="GGUF file or known model name")
+    p.add_argument("--json", action="store_true", help="print it as JSON")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("show", help="a model's summary: architecture, parameters, quantization, context, license")
+    p.add_argument("model", nargs="?", default=None, help="GGUF file or known model name")
+    p.add_argument("--json", action="store_true", help="print it as JSON")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("list", aliases=["ls"], help=f"the models in the cache ({hub.models_dir()})")
+    p.add_argument("--json", action="store_true", help="print it as JSON")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("rm", help="delete models from the cache")
+    p.add_argument("models", nargs="+", help="model names (as qwenlite list shows them)")
+    p.set_defaults(func=cmd_rm)
 
     p = sub.add_parser("pull", help=f"download a known model into {hub.models_dir()} ($QWENLITE_HOME)")
     p.add_argument("name", nargs="?", default=None, help="model name (default: the default model)")
@@ -436,6 +633,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message: Warning | str, category: type[Warning], *rest: Any, **kw: Any) -> None:
+    """Our warnings as one ``warning: ...`` line on stderr; others as Python prints them."""
+    if issubclass(category, QwenliteWarning):
+        print(f"warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, *rest[:2]))
+
+
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
@@ -446,6 +651,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(encoding="utf-8", errors="replace")
     args = build_parser().parse_args(argv)
+    warnings.showwarning = _show_warning
     try:
         return args.func(args)
     except QwenliteError as exc:

