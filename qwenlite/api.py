@@ -42,6 +42,9 @@ from qwenlite.runtime.scheduler import Request, Scheduler, Update
 from qwenlite.tokenizer import Tokenizer
 
 DEFAULT_N_CTX = 4096
+# The sampling defaults of the API, the CLI and the server: llama.cpp's (temperature 0.8, top-k 40,
+# top-p 0.95, min-p 0.05, no repetition penalty). Pass temperature=0 for greedy output.
+DEFAULTS = SamplerConfig()
 # Sequence slots: generate_batch and logits_batch run this many sequences at a time. Slots cost
 # address space, not memory, until positions fill (the cache is in lazily mapped pages).
 DEFAULT_N_SEQ = 4
@@ -206,14 +209,14 @@ class Model:
         self,
         prompt_or_ids: str | Sequence[int],
         max_tokens: int = 256,
-        temperature: float = 0.0,
-        top_k: int = 40,
-        top_p: float = 0.95,
+        temperature: float = DEFAULTS.temperature,
+        top_k: int = DEFAULTS.top_k,
+        top_p: float = DEFAULTS.top_p,
         seed: int | None = None,
         stream: bool = False,
         *,
-        min_p: float = 0.05,
-        repeat_penalty: float = 1.0,
+        min_p: float = DEFAULTS.min_p,
+        repeat_penalty: float = DEFAULTS.repeat_penalty,
         stop: Sequence[str] = (),
         special: bool = False,
         sampling: SamplerConfig | None = None,
@@ -275,14 +278,14 @@ class Model:
     def chat(
         self,
         messages: Sequence[dict[str, str]],
-        max_tokens: int = 512,
-        temperature: float = 0.0,
+        max_tokens: int | None = None,
+        temperature: float = DEFAULTS.temperature,
         stream: bool = False,
         *,
-        top_k: int = 40,
-        top_p: float = 0.95,
-        min_p: float = 0.05,
-        repeat_penalty: float = 1.0,
+        top_k: int = DEFAULTS.top_k,
+        top_p: float = DEFAULTS.top_p,
+        min_p: float = DEFAULTS.min_p,
+        repeat_penalty: float = DEFAULTS.repeat_penalty,
         seed: int | None = None,
         stop: Sequence[str] = (),
         sampling: SamplerConfig | None = None,
@@ -291,9 +294,12 @@ class Model:
 
         Message text is tokenized with special parsing off, so ``<|im_end|>`` typed by a user stays
         text. The model's default system prompt applies when no system message is given. The earlier
-        turns' keys and values are reused from the previous call (``last_reused``).
+        turns' keys and values are reused from the previous call (``last_reused``). ``max_tokens``
+        None: until the end of the turn or of the context.
         """
         ids = self.template.encode(self.tokenizer, messages)
+        if max_tokens is None:
+            max_tokens = self.n_ctx
         return self.generate(ids, max_tokens, temperature, top_k, top_p, seed, stream,
                              min_p=min_p, repeat_penalty=repeat_penalty, stop=stop, sampling=sampling)
 
@@ -408,14 +414,14 @@ class Model:
         self,
         prompts: Sequence[str | Sequence[int]],
         max_tokens: int = 256,
-        temperature: float = 0.0,
-        top_k: int = 40,
-        top_p: float = 0.95,
+        temperature: float = DEFAULTS.temperature,
+        top_k: int = DEFAULTS.top_k,
+        top_p: float = DEFAULTS.top_p,
         seed: int | Sequence[int] | None = None,
         stop: Sequence[str] = (),
         *,
-        min_p: float = 0.05,
-        repeat_penalty: float = 1.0,
+        min_p: float = DEFAULTS.min_p,
+        repeat_penalty: float = DEFAULTS.repeat_penalty,
         special: bool = False,
     ) -> list[str]:
         """Completions of many prompts decoded together (continuous batching over ``n_seq`` slots: a

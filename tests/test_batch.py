@@ -122,9 +122,9 @@ def test_decode_of_four_sequences_equals_each_alone(m, id_lists, alone) -> None:
 
 
 def test_generate_batch_equals_generate(m) -> None:  # noqa: ANN001
-    singles = [m.generate(p, max_tokens=12) for p in PROMPTS]
-    assert m.generate_batch(PROMPTS, max_tokens=12) == singles
-    assert m.generate_batch([m.tokenize(PROMPTS[0])], max_tokens=12) == singles[:1]
+    singles = [m.generate(p, max_tokens=12, temperature=0.0) for p in PROMPTS]
+    assert m.generate_batch(PROMPTS, max_tokens=12, temperature=0.0) == singles
+    assert m.generate_batch([m.tokenize(PROMPTS[0])], max_tokens=12, temperature=0.0) == singles[:1]
 
 
 def test_generate_batch_seeds_are_per_prompt(m) -> None:  # noqa: ANN001
@@ -138,25 +138,25 @@ def test_generate_batch_seeds_are_per_prompt(m) -> None:  # noqa: ANN001
 
 def test_generate_batch_stop_strings_and_more_prompts_than_slots(m) -> None:  # noqa: ANN001
     prompts = [f"Count: {i}, {i + 1}, {i + 2}," for i in range(6)]
-    out = m.generate_batch(prompts, max_tokens=16, stop=[","])
+    out = m.generate_batch(prompts, max_tokens=16, temperature=0.0, stop=[","])
     assert len(out) == 6
     assert all("," not in o for o in out)
-    assert out == [m.generate(p, max_tokens=16, stop=[","]) for p in prompts]
+    assert out == [m.generate(p, max_tokens=16, temperature=0.0, stop=[","]) for p in prompts]
 
 
 def test_chat_reuses_the_common_prefix(m) -> None:  # noqa: ANN001
     msgs = [{"role": "user", "content": "Name a prime number below 10."}]
-    first = m.chat(msgs, max_tokens=16)
+    first = m.chat(msgs, max_tokens=16, temperature=0.0)
     n_first = len(m.template.encode(m.tokenizer, msgs))
     msgs2 = [*msgs, {"role": "assistant", "content": first}, {"role": "user", "content": "And another one?"}]
-    second = m.chat(msgs2, max_tokens=16)
+    second = m.chat(msgs2, max_tokens=16, temperature=0.0)
     assert m.last_reused >= n_first, "the first turn's prompt should come from the cache"
-    stream = m.chat(msgs2, max_tokens=16, stream=True)
+    stream = m.chat(msgs2, max_tokens=16, temperature=0.0, stream=True)
     assert "".join(stream) == second
     n2 = len(m.template.encode(m.tokenizer, msgs2))
     assert stream.reused == n2 - 1, "the same conversation again costs one token"
     m.engine.reset()
-    assert m.chat(msgs2, max_tokens=16) == second and m.last_reused == 0
+    assert m.chat(msgs2, max_tokens=16, temperature=0.0) == second and m.last_reused == 0
 
 
 def test_breaking_out_of_a_stream_stops_and_frees_the_model(m) -> None:  # noqa: ANN001
@@ -170,7 +170,8 @@ def test_breaking_out_of_a_stream_stops_and_frees_the_model(m) -> None:  # noqa:
     for piece in m.generate("def add(a, b):", max_tokens=200, stream=True):
         assert piece
         break  # the dropped stream is closed at once by reference counting
-    assert m.generate("def add(a, b):", max_tokens=8) == m.generate_batch(["def add(a, b):"], max_tokens=8)[0]
+    greedy = {"max_tokens": 8, "temperature": 0.0}
+    assert m.generate("def add(a, b):", **greedy) == m.generate_batch(["def add(a, b):"], **greedy)[0]
 
 
 def test_cancel_aborts_a_long_prefill_between_chunks(m) -> None:  # noqa: ANN001
@@ -188,7 +189,8 @@ def test_cancel_aborts_a_long_prefill_between_chunks(m) -> None:  # noqa: ANN001
     finally:
         m.runtime.n_batch = old
         timer.cancel()
-    assert m.generate(PROMPTS[0], max_tokens=6) == m.generate_batch([PROMPTS[0]], max_tokens=6)[0]
+    greedy = {"max_tokens": 6, "temperature": 0.0}
+    assert m.generate(PROMPTS[0], **greedy) == m.generate_batch([PROMPTS[0]], **greedy)[0]
 
 
 def test_keyboard_interrupt_leaves_the_model_usable(m, id_lists, alone) -> None:  # noqa: ANN001
@@ -208,11 +210,11 @@ def test_keyboard_interrupt_leaves_the_model_usable(m, id_lists, alone) -> None:
 
 
 def test_two_threads_are_serialized(m) -> None:  # noqa: ANN001
-    expect = {p: m.generate(p, max_tokens=10) for p in PROMPTS[:2]}
+    expect = {p: m.generate(p, max_tokens=10, temperature=0.0) for p in PROMPTS[:2]}
     got: dict[str, str] = {}
 
     def work(p: str) -> None:
-        got[p] = m.generate(p, max_tokens=10)
+        got[p] = m.generate(p, max_tokens=10, temperature=0.0)
 
     threads = [threading.Thread(target=work, args=(p,)) for p in PROMPTS[:2]]
     for t in threads:
