@@ -78,14 +78,18 @@ def test_repl_commands_multiline_history_and_ctrl_c(chat, tmp_path: Path) -> Non
     _send(child, "Write a very long essay about the history of computing, with many sections.")
     child.expect_exact("many sections.")  # the terminal's echo of the line
     child.expect(r"\w{3,}", timeout=300)  # the reply is streaming
-    time.sleep(1.5)
+    time.sleep(1.0)
+    child.send("zzz")  # typed while the reply streams: neither echoed nor kept as the next turn
+    time.sleep(0.5)
     child.sendintr()
     child.expect_exact("[interrupted")
     child.expect_exact(PROMPT)
+    assert "zzz" not in child.before
     conv = _saved(child, tmp_path / "c2.json")
     last = conv["messages"][-1]
     assert last["role"] == "assistant" and last.get("interrupted") is True and last["content"]
     assert len(conv["messages"]) == 6
+    assert not any("zzz" in m["content"] for m in conv["messages"])
     # The chat goes on after the interruption, with the earlier turns intact.
     _send(child, "/set max_tokens 8")
     child.expect_exact(PROMPT)
@@ -171,6 +175,14 @@ def test_flags_are_checked_before_loading_and_context_limits(tmp_path: Path, rea
     r = run_cli("--version", home=tmp_path)
     assert r.returncode == 0 and r.stdout.startswith("qwenlite ")
     assert "(default: 0.95)" in run_cli("run", "--help", home=tmp_path).stdout
+
+
+def test_dropping_old_turns_is_said_once(tmp_path: Path, real_model_path: Path) -> None:
+    lines = "".join(f"Tell me fact number {i} about the number {i}, in one sentence.\n" for i in range(8))
+    r = run_cli("chat", "-m", str(real_model_path), "-c", "256", "-n", "24", "--temp", "0", "-t", "2",
+                home=tmp_path, stdin=lines)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("note: the oldest turns were dropped to fit the context") == 1
 
 
 def test_piped_chat_failure_sets_the_exit_status(tmp_path: Path, real_model_path: Path) -> None:
