@@ -185,6 +185,14 @@ def test_dropping_old_turns_is_said_once(tmp_path: Path, real_model_path: Path) 
     assert r.stderr.count("note: the oldest turns were dropped to fit the context") == 1
 
 
+def test_replies_to_the_end_of_the_turn_keep_the_conversation(tmp_path: Path, real_model_path: Path) -> None:
+    # -n -1 (chat's default) must not reserve the whole context for the reply and drop every earlier turn.
+    r = run_cli("chat", "-m", str(real_model_path), "--temp", "0", "-t", "2", home=tmp_path,
+                stdin="My name is Ada. Say OK.\nWhat is my name? One word.\n")
+    assert r.returncode == 0, r.stderr
+    assert "dropped" not in r.stderr and "Ada" in r.stdout.splitlines()[-1]
+
+
 def test_piped_chat_failure_sets_the_exit_status(tmp_path: Path, real_model_path: Path) -> None:
     r = run_cli("chat", "-m", str(real_model_path), "-c", "64", "-n", "4", "--temp", "0", "-t", "2",
                 home=tmp_path, stdin="hello\n" + "word " * 200 + "\n")

@@ -72,9 +72,12 @@ class ChatSession:
         """
         history = list(self.history)
         head = self._head()
+        # Room kept for the reply: all of max_tokens, but never more than a quarter of the context, or
+        # a reply allowed to run to the end of the context (-n -1) would push out every earlier turn.
+        room = max(1, min(max_tokens, self.engine.n_ctx // 4))
         while True:
             ids = self.template.encode(self.tokenizer, head + history)
-            if len(ids) + max(1, max_tokens) <= self.engine.n_ctx:
+            if len(ids) + room <= self.engine.n_ctx:
                 return history, ids
             users = [i for i, m in enumerate(history) if m["role"] == "user"]
             if len(users) < 2:
