@@ -262,3 +262,14 @@ def test_python_api_rough_edges(real_model, real_model_path: Path) -> None:
     other.close()
     with pytest.raises(QwenliteError, match="closed"):
         other.generate("x", max_tokens=1)
+
+
+def test_color_on_a_terminal_only(tmp_path: Path, real_model_path: Path) -> None:
+    args = ["-m", "qwenlite", "run", "-m", str(real_model_path), "-p", "def add(a, b):", "-n", "4", "--temp", "0",
+            "-t", "2", "--color"]
+    child = pexpect.spawn(sys.executable, args, env=_env(tmp_path), encoding="utf-8", timeout=300)
+    child.expect(pexpect.EOF)
+    out = child.before
+    assert "\x1b[32mdef add(a, b):\x1b[36m" in out and out.rstrip().endswith("\x1b[0m")  # prompt, reply, reset
+    piped = run_cli(*args[2:], home=tmp_path)
+    assert piped.returncode == 0 and "\x1b[" not in piped.stdout
