@@ -23,12 +23,14 @@ memory-mapped safetensors and written in chunks (``qwenlite.converters.pipeline`
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from qwenlite.converters.files import read_json
 from qwenlite.converters.hf_tokenizer import HFTokenizer, load_hf_tokenizer
 from qwenlite.converters.mixes import FILE_TYPES, FileType, file_type
 from qwenlite.converters.pipeline import SourceTensor, resolve_types, write_model
@@ -37,8 +39,9 @@ from qwenlite.converters.tensor_names import SourceRef, check_sources, ignored_h
 from qwenlite.errors import QwenliteError
 from qwenlite.gguf import names as gn
 from qwenlite.gguf.constants import GGMLType, GGUFValueType
-from qwenlite.gguf.writer import GGUFWriter
+from qwenlite.gguf.writer import GGUFWriter, check_output
 from qwenlite.model.config import ModelConfig
+from qwenlite.tokenizer.vocab import read_vocab
 
 QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION
 
@@ -46,12 +49,9 @@ QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION
 def load_config(model_dir: str | os.PathLike[str]) -> tuple[ModelConfig, dict[str, Any]]:
     """Read ``config.json`` of an HF model directory: the hyperparameters and the raw dict."""
     path = Path(model_dir) / "config.json"
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise QwenliteError(f"{model_dir}: no config.json (is this a Hugging Face model directory?)")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise QwenliteError(f"cannot read {path}: {e}") from None
+    raw = read_json(path)
     if not isinstance(raw, dict):
         raise QwenliteError(f"{path}: expected a JSON object")
     return ModelConfig.from_hf_config(raw), raw
@@ -168,26 +168,48 @@ def plan(hf_dir: str | os.PathLike[str], ftype: str) -> list[tuple[str, tuple[in
 
 
 def convert(
-    hf_dir: str | os.PathLike[str], out_path: str | os.PathLike[str], ftype: str, progress: bool = True
+    hf_dir: str | os.PathLike[str], out_path: str | os.PathLike[str], ftype: str, progress: bool = True, *,
+    parents: bool = False, allow_nonfinite: bool = False,
 ) -> Path:
     """Convert the checkpoint in ``hf_dir`` to ``out_path`` with output type ``ftype``
-    (one of f32, f16, bf16, q8_0, q4_0, q5_0, q5_1, q4_k_m, q5_k_m, q6_k). Returns the written path."""
+    (one of f32, f16, bf16, q8_0, q4_0, q5_0, q5_1, q4_k_m, q5_k_m, q6_k). Returns the written path.
+
+    Order matters for hostile input: the config is bounded, then checked against the checkpoint's
+    actual tensor shapes, before anything sized by it (the tokenizer padded to ``vocab_size``) is
+    built. ``parents`` creates the output folder; ``allow_nonfinite`` writes weights holding NaN / inf
+    with a warning instead of refusing them."""
     model_dir = Path(hf_dir)
     if not model_dir.is_dir():
         raise QwenliteError(f"{model_dir} is not a directory")
     out = Path(out_path)
     ft = file_type(ftype)
     _refuse_overwriting_input(out, model_dir)
+    check_output(out, parents)
     cfg, _ = load_config(model_dir)
-    tok = load_hf_tokenizer(model_dir, cfg.n_vocab)
     with Checkpoint(model_dir) as ckpt:
         sources = _sources(ckpt, cfg)
+        tok = load_hf_tokenizer(model_dir, cfg.n_vocab)
 
         def add_metadata(w: GGUFWriter) -> None:
             model_metadata(w, cfg, model_dir.resolve().name, ft)
             tokenizer_metadata(w, tok)
 
-        return write_model(out, add_metadata, sources, ft, cfg.n_layer, cfg.n_expert, progress)
+        check_vocab(tok)
+        return write_model(out, add_metadata, sources, ft, cfg.n_layer, cfg.n_expert, progress,
+                           parents=parents, allow_nonfinite=allow_nonfinite)
+
+
+def check_vocab(tok: HFTokenizer) -> None:
+    """Refuse a vocabulary the loader would refuse, before writing: the file must load afterwards."""
+    md: dict[str, Any] = {gn.TOKENIZER_MODEL: "gpt2", gn.TOKENIZER_PRE: "qwen2", gn.TOKENS: tok.tokens,
+                          gn.TOKEN_TYPE: np.asarray(tok.token_types, np.int32), gn.MERGES: tok.merges}
+    for kind, key in gn.SPECIAL_TOKEN_IDS.items():
+        if kind in tok.special_ids:
+            md[key] = tok.special_ids[kind]
+    try:
+        read_vocab(md)
+    except QwenliteError as e:
+        raise QwenliteError(f"the checkpoint's tokenizer cannot be used: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,9 +219,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out")
     p.add_argument("--type", default="f16", choices=list(FILE_TYPES))
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--mkdir", action="store_true", help="create the output folder when missing")
+    p.add_argument("--allow-nonfinite", action="store_true", help="write NaN / inf weights (with a warning)")
     args = p.parse_args(argv)
     try:
-        convert(args.hf_dir, args.out, args.type, progress=not args.quiet)
+        convert(args.hf_dir, args.out, args.type, progress=not args.quiet, parents=args.mkdir,
+                allow_nonfinite=args.allow_nonfinite)
     except QwenliteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

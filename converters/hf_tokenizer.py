@@ -17,12 +17,12 @@ form), with special-token names in ``tokenizer_config.json`` and ids in ``config
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qwenlite.errors import QwenliteError
+from qwenlite.converters.files import read_json, read_text
+from qwenlite.errors import QwenliteError, shown
 from qwenlite.gguf.constants import TokenType
 
 SPECIAL_KINDS = ("bos", "eos", "unk", "sep", "pad")
@@ -43,14 +43,11 @@ class HFTokenizer:
 
 
 def _load_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise QwenliteError(f"cannot read {path.name}: {e}") from None
+    return read_json(path)
 
 
 def _optional_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         return {}
     data = _load_json(path)
     if not isinstance(data, dict):
@@ -82,10 +79,7 @@ def _merges_from_json(merges: Any) -> list[str]:
 
 
 def _merges_from_txt(path: Path) -> list[str]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise QwenliteError(f"cannot read {path.name}: {e}") from None
+    lines = read_text(path).splitlines()
     out = []
     for i, line in enumerate(lines):
         line = line.strip()
@@ -93,7 +87,7 @@ def _merges_from_txt(path: Path) -> list[str]:
             continue
         parts = line.split()
         if len(parts) != 2:
-            raise QwenliteError(f"{path.name}: line {i + 1} is not a merge pair: {line!r}")
+            raise QwenliteError(f"{path.name}: line {i + 1} is not a merge pair: {shown(line)}")
         out.append(f"{parts[0]} {parts[1]}")
     return out
 
@@ -122,15 +116,15 @@ def _read_fast(path: Path) -> tuple[dict[str, int], list[dict[str, Any]], list[s
 
 def _read_slow(model_dir: Path, tok_config: dict[str, Any]) -> tuple[dict[str, int], list[dict[str, Any]], list[str]]:
     vocab = _check_vocab(_load_json(model_dir / "vocab.json"), "vocab.json")
-    if not (model_dir / "merges.txt").is_file():
+    if not (model_dir / "merges.txt").exists():
         raise QwenliteError(f"{model_dir}: vocab.json without merges.txt")
     added: list[dict[str, Any]] = []
     decoder = tok_config.get("added_tokens_decoder") or {}
     if not isinstance(decoder, dict):
         raise QwenliteError("tokenizer_config.json: added_tokens_decoder is not an object")
     for key, entry in decoder.items():
-        if not isinstance(entry, dict) or not str(key).isdigit():
-            raise QwenliteError(f"tokenizer_config.json: bad added token {key!r}")
+        if not isinstance(entry, dict) or not (key.isascii() and key.isdigit()) or len(key) > 9:
+            raise QwenliteError(f"tokenizer_config.json: added_tokens_decoder key {shown(key)} is not a token id")
         added.append({"id": int(key), **entry})
     extra = _optional_json(model_dir / "added_tokens.json")
     known = {a.get("content") for a in added}
@@ -148,9 +142,9 @@ def _special_name(entry: Any) -> str | None:
 
 def _chat_templates(model_dir: Path, tok_config: dict[str, Any]) -> tuple[str | None, dict[str, str]]:
     value: Any = tok_config.get("chat_template")
-    if value is None and (model_dir / "chat_template.jinja").is_file():
-        value = (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
-    elif value is None and (model_dir / "chat_template.json").is_file():
+    if value is None and (model_dir / "chat_template.jinja").exists():
+        value = read_text(model_dir / "chat_template.jinja")
+    elif value is None and (model_dir / "chat_template.json").exists():
         value = _optional_json(model_dir / "chat_template.json").get("chat_template")
     if value is None or isinstance(value, str):
         return value, {}
@@ -172,9 +166,9 @@ def load_hf_tokenizer(model_dir: str | Path, vocab_size: int) -> HFTokenizer:
     """Read the tokenizer files of ``model_dir`` and pad the vocab to ``vocab_size`` entries."""
     model_dir = Path(model_dir)
     tok_config = _optional_json(model_dir / "tokenizer_config.json")
-    if (model_dir / "tokenizer.json").is_file():
+    if (model_dir / "tokenizer.json").exists():
         vocab, added, merges = _read_fast(model_dir / "tokenizer.json")
-    elif (model_dir / "vocab.json").is_file():
+    elif (model_dir / "vocab.json").exists():
         vocab, added, merges = _read_slow(model_dir, tok_config)
     else:
         raise QwenliteError(f"{model_dir}: no tokenizer.json or vocab.json + merges.txt")
@@ -184,15 +178,15 @@ def load_hf_tokenizer(model_dir: str | Path, vocab_size: int) -> HFTokenizer:
     by_id: dict[int, str] = {}
     for token, i in vocab.items():
         if i in by_id:
-            raise QwenliteError(f"tokenizer: id {i} is used by both {by_id[i]!r} and {token!r}")
+            raise QwenliteError(f"tokenizer: id {i} is used by both {shown(by_id[i])} and {shown(token)}")
         by_id[i] = token
     added_ids: dict[int, bool] = {}  # id -> special flag
     for a in added:
         i, content = a.get("id"), a.get("content")
         if not isinstance(i, int) or isinstance(i, bool) or i < 0 or not isinstance(content, str):
-            raise QwenliteError(f"tokenizer: bad added token {a!r}")
+            raise QwenliteError(f"tokenizer: bad added token {shown(a)}")
         if by_id.get(i, content) != content:
-            raise QwenliteError(f"tokenizer: id {i} is used by both {by_id[i]!r} and {content!r}")
+            raise QwenliteError(f"tokenizer: id {i} is used by both {shown(by_id[i])} and {shown(content)}")
         by_id[i] = content
         added_ids[i] = bool(a.get("special", False))
     if not by_id:

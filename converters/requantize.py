@@ -22,7 +22,8 @@ from qwenlite.errors import QwenliteError
 from qwenlite.gguf import names as gn
 from qwenlite.gguf.constants import GGMLType
 from qwenlite.gguf.reader import GGUFFile, TensorInfo
-from qwenlite.gguf.writer import GGUFWriter
+from qwenlite.gguf.writer import GGUFWriter, check_output
+from qwenlite.model.config import ModelConfig
 
 _FLOAT_VIEWS = {GGMLType.F32: ("<f4", "F32"), GGMLType.F16: ("<f2", "F16"), GGMLType.BF16: ("<u2", "BF16")}
 _SKIP_KEYS = {gn.FILE_TYPE, gn.ALIGNMENT}
@@ -55,22 +56,25 @@ def _source(src_path: Path, t: TensorInfo, data_map: MappedFile) -> SourceTensor
 
 
 def requantize(
-    in_path: str | os.PathLike[str], out_path: str | os.PathLike[str], ftype: str, progress: bool = True
+    in_path: str | os.PathLike[str], out_path: str | os.PathLike[str], ftype: str, progress: bool = True, *,
+    parents: bool = False, allow_nonfinite: bool = False,
 ) -> Path:
-    """Write ``in_path`` (an f32/f16/bf16 GGUF) re-quantized to ``ftype`` at ``out_path``."""
+    """Write ``in_path`` (an f32/f16/bf16 GGUF) re-quantized to ``ftype`` at ``out_path`` (options as
+    ``hf_to_gguf.convert``'s)."""
     src_path, out = Path(in_path), Path(out_path)
     ft = file_type(ftype)
     if out.exists() and src_path.exists() and os.path.samefile(src_path, out):
         raise QwenliteError(f"refusing to overwrite the input file {out}")
+    check_output(out, parents)
     with GGUFFile(src_path) as src:
-        arch = src.architecture
-        n_layer = int(src.require(gn.arch_key(gn.BLOCK_COUNT, arch), int))
-        n_expert = int(src.get(gn.arch_key(gn.EXPERT_COUNT, arch), 0) or 0)
+        cfg = ModelConfig.from_gguf(src)  # every hyperparameter checked, as a load would
+        n_layer, n_expert = cfg.n_layer, cfg.n_expert
         data_map = MappedFile(src_path)  # our own mapping, so consumed pages can be released
         try:
             tensors = [_source(src_path, t, data_map) for t in src]
             return write_model(
-                out, lambda w: _copy_metadata(src, w, int(ft.file_type)), tensors, ft, n_layer, n_expert, progress
+                out, lambda w: _copy_metadata(src, w, int(ft.file_type)), tensors, ft, n_layer, n_expert, progress,
+                parents=parents, allow_nonfinite=allow_nonfinite,
             )
         finally:
             data_map.close()

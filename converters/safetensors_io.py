@@ -22,8 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from qwenlite.converters.files import open_regular, read_json
 from qwenlite.converters.mapped import MappedFile
-from qwenlite.errors import QwenliteError
+from qwenlite.errors import QwenliteError, shown
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
 INDEX_NAME = "model.safetensors.index.json"
@@ -111,7 +112,7 @@ class SafetensorsFile:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         try:
-            with open(self.path, "rb") as f:
+            with open_regular(self.path) as f:
                 size = os.fstat(f.fileno()).st_size
                 if size < 8:
                     raise SafetensorsError(f"{self.path.name}: too small to be a safetensors file ({size} B)")
@@ -203,9 +204,9 @@ class Checkpoint:
 
     def _open(self) -> None:
         index = self.dir / INDEX_NAME
-        if index.is_file():
+        if index.exists() or index.is_symlink():
             shards = self._read_index(index)
-        elif (self.dir / SINGLE_NAME).is_file():
+        elif (self.dir / SINGLE_NAME).exists():
             shards = {SINGLE_NAME: None}
         else:
             found = sorted(p.name for p in self.dir.glob("*.safetensors"))
@@ -231,18 +232,15 @@ class Checkpoint:
                     raise SafetensorsError(f"{shard}: holds {extra[0]!r} which the index maps elsewhere or omits")
 
     def _read_index(self, index: Path) -> dict[str, set[str]]:
-        try:
-            data = json.loads(index.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-            raise SafetensorsError(f"{index.name}: cannot read ({e})") from None
+        data = read_json(index)
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise SafetensorsError(f"{index.name}: no weight_map")
         shards: dict[str, set[str]] = {}
         for name, shard in weight_map.items():
             if not isinstance(shard, str) or Path(shard).name != shard or not shard.endswith(".safetensors"):
-                raise SafetensorsError(f"{index.name}: bad shard file name {shard!r} for {name!r}")
-            if not (self.dir / shard).is_file():
+                raise SafetensorsError(f"{index.name}: bad shard file name {shown(shard)} for {shown(name)}")
+            if not (self.dir / shard).exists():
                 raise SafetensorsError(f"{index.name}: shard {shard} is missing")
             shards.setdefault(shard, set()).add(name)
         return shards

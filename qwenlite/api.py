@@ -31,7 +31,7 @@ from qwenlite.chat.generate import Generation
 from qwenlite.chat.sampler import Sampler, SamplerConfig
 from qwenlite.chat.session import common_prefix
 from qwenlite.chat.template import ChatTemplate
-from qwenlite.errors import QwenliteError, QwenliteWarning
+from qwenlite.errors import GGUFError, QwenliteError, QwenliteWarning
 from qwenlite.gguf.reader import GGUFFile
 from qwenlite.model.config import ModelConfig
 from qwenlite.model.qwen2 import Qwen2
@@ -123,6 +123,10 @@ class Model:
         self.metadata = self.file.metadata
         self.config = ModelConfig.from_gguf(self.file)
         self.tokenizer = Tokenizer.from_metadata(self.metadata)
+        if self.tokenizer.n_vocab != self.config.n_vocab:
+            # llama.cpp refuses this too; tolerated, sampling could pick an id with no token text.
+            raise GGUFError(f"{self.path}: the token list has {self.tokenizer.n_vocab} tokens but the embedding "
+                            f"table has {self.config.n_vocab} rows; the file is inconsistent")
         n_ctx = self.n_ctx = check_n_ctx(n_ctx, self.config.n_ctx_train)
         self.backend = get_backend(backend)
         loader = Loader(self.file, LoadPolicy(interleave_experts=_fits_in_memory(self.path)))

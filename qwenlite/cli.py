@@ -14,7 +14,9 @@ import dataclasses
 import json
 import os
 import re
+import signal
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Iterable, Sequence
@@ -487,7 +489,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         from qwenlite.converters.hf_to_gguf import convert
     except ImportError as exc:
         raise QwenliteError(f"the HF converter is not available: {exc}") from exc
-    convert(args.hf_dir, args.output, args.type, progress=True)
+    convert(args.hf_dir, args.output, args.type, progress=True, parents=args.mkdir,
+            allow_nonfinite=args.allow_nonfinite)
     return 0
 
 
@@ -496,7 +499,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         from qwenlite.converters.requantize import requantize
     except ImportError as exc:
         raise QwenliteError(f"the re-quantizer is not available: {exc}") from exc
-    requantize(args.input, args.output, args.type, progress=True)
+    requantize(args.input, args.output, args.type, progress=True, parents=args.mkdir,
+               allow_nonfinite=args.allow_nonfinite)
     return 0
 
 
@@ -623,14 +627,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("hf_dir", help="directory with config.json and *.safetensors")
     p.add_argument("-o", "--output", required=True, help="output GGUF path")
     p.add_argument("--type", default="f16", help="output type, e.g. f32, f16, q8_0, q4_k_m")
+    _output_flags(p)
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("quantize", help="re-quantize a GGUF file")
     p.add_argument("input", help="input GGUF")
     p.add_argument("output", help="output GGUF")
     p.add_argument("--type", default="q4_k_m", help="target type, e.g. q8_0, q4_k_m, q5_k_m")
+    _output_flags(p)
     p.set_defaults(func=cmd_quantize)
     return parser
+
+
+def _output_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mkdir", action="store_true", help="create the output's folder when it does not exist")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="write weights that hold NaN or inf (with a warning) instead of refusing them")
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every cleanup path (a writer's temp file) runs."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminated
 
 
 def _show_warning(message: Warning | str, category: type[Warning], *rest: Any, **kw: Any) -> None:
@@ -652,11 +672,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             stream.reconfigure(encoding="utf-8", errors="replace")
     args = build_parser().parse_args(argv)
     warnings.showwarning = _show_warning
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None  # `serve`: uvicorn's own
     try:
         return args.func(args)
     except QwenliteError as exc:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 1
+    except _Terminated:
+        return 143
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
@@ -666,6 +690,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, UnicodeDecodeError) as exc:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

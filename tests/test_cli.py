@@ -140,9 +140,10 @@ def test_convert_and_quantize_delegate(monkeypatch: pytest.MonkeyPatch) -> None:
     fake_module(monkeypatch, "qwenlite.converters.hf_to_gguf", "convert", lambda *a, **k: calls.append(("c", a, k)))
     fake_module(monkeypatch, "qwenlite.converters.requantize", "requantize", lambda *a, **k: calls.append(("q", a, k)))
     assert cli.main(["convert", "hf", "-o", "out.gguf", "--type", "q8_0"]) == 0
-    assert cli.main(["quantize", "in.gguf", "out.gguf", "--type", "q4_k_m"]) == 0
-    assert calls == [("c", ("hf", "out.gguf", "q8_0"), {"progress": True}),
-                     ("q", ("in.gguf", "out.gguf", "q4_k_m"), {"progress": True})]
+    assert cli.main(["quantize", "in.gguf", "out.gguf", "--type", "q4_k_m", "--mkdir", "--allow-nonfinite"]) == 0
+    assert calls == [("c", ("hf", "out.gguf", "q8_0"), {"progress": True, "parents": False, "allow_nonfinite": False}),
+                     ("q", ("in.gguf", "out.gguf", "q4_k_m"), {"progress": True, "parents": True,
+                                                              "allow_nonfinite": True})]
 
 
 def test_errors_and_interrupts_become_exit_codes(monkeypatch: pytest.MonkeyPatch,

@@ -154,7 +154,7 @@ def test_exception_removes_temp_file(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError), GGUFWriter(path) as w:
         w.add_tensor_info("x", (4,), GGMLType.F32, 16)
         w.begin_data()
-        assert w.tmp_path.exists() and w.tmp_path.name == f"x.gguf.tmp-{os.getpid()}"
+        assert w.tmp_path.exists() and w.tmp_path.name == f"x.gguf.incomplete-{os.getpid()}"
         raise RuntimeError("boom")
     assert _leftovers(tmp_path) == []
 

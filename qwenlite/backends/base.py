@@ -41,6 +41,9 @@ class Backend(Protocol):
     def moe_route(self, logits: np.ndarray, k: int, normalize: bool) -> tuple[np.ndarray, np.ndarray]:
         """(expert ids ``[T, k]``, weights ``[T, k]`` float32): softmax, top-k, optional renormalization."""
 
+    def all_finite(self, x: np.ndarray) -> bool:
+        """True when no value of ``x`` is NaN or infinite."""
+
     def kv_alloc(self, kind: str, n_layer: int, n_seq: int, n_kv: int, n_ctx: int, head_dim: int, *,
                  k_bias: np.ndarray, rope: tuple[np.ndarray, np.ndarray]) -> Any:
         """Zeroed storage for the KV cache in element type ``kind``; ``k_bias [n_layer, n_kv*hd]`` and the

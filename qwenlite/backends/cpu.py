@@ -26,7 +26,13 @@ PARALLEL_ATTENTION_WORK = 1 << 18
 
 def _zeros(shape: tuple[int, ...], dtype: type) -> np.ndarray:
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    return np.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype, count=int(np.prod(shape))).reshape(shape)
+    try:
+        buf = mmap.mmap(-1, max(nbytes, 1))
+    except (OSError, OverflowError, MemoryError) as e:
+        raise QwenliteError(f"cannot reserve {nbytes / 2**20:.0f} MiB for the KV cache {shape} "
+                            f"({getattr(e, 'strerror', None) or e}); lower the context size (-c) or the "
+                            "sequence slots (--parallel), or use a smaller --kv-type") from None
+    return np.frombuffer(buf, dtype, count=int(np.prod(shape))).reshape(shape)
 
 
 @dataclass
@@ -90,6 +96,11 @@ class CPUBackend:
         if normalize:
             weights = weights / weights.sum(axis=1, keepdims=True)
         return top, weights.astype(np.float32)
+
+    def all_finite(self, x: np.ndarray) -> bool:
+        # One float64 reduction, no temporary: NaN and inf propagate into the sum, and float32 values
+        # cannot overflow a float64 sum. ~2 us on a decode row of 896, 0.1 ms on 512 x 896.
+        return bool(np.isfinite(x.sum(dtype=np.float64)))
 
     def kv_alloc(self, kind: str, n_layer: int, n_seq: int, n_kv: int, n_ctx: int, head_dim: int, *,
                  k_bias: np.ndarray, rope: tuple[np.ndarray, np.ndarray]) -> CPUKV:

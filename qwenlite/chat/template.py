@@ -24,15 +24,18 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
+from types import FrameType
 from typing import Any
 
 import jinja2
 from jinja2.ext import loopcontrols
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
-from qwenlite.errors import QwenliteError
+from qwenlite.errors import QwenliteError, shown
 from qwenlite.gguf import names as gn
 
 IM_START = "<|im_start|>"
@@ -84,8 +87,56 @@ def _raise(message: str) -> None:
     raise jinja2.TemplateError(message)
 
 
+# A chat template is code from the model file. The sandbox keeps it from Python's internals; these
+# bound what it may cost: the wall time of one render (checked on every line the template's compiled
+# code runs, so nested loops that print nothing are stopped too) and the size of any string or list
+# it builds with ``*`` (``'x' * 10**10``) or number with ``**``.
+RENDER_SECONDS = 5.0
+MAX_BUILT_ITEMS = 1 << 24
+MAX_EXPONENT = 256
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*":
+            seq, n = (left, right) if isinstance(right, int) else (right, left)
+            if isinstance(seq, str | list | tuple) and isinstance(n, int) and len(seq) * n > MAX_BUILT_ITEMS:
+                raise SecurityError(f"the template builds a sequence of {len(seq) * n} items")
+        if operator == "**" and isinstance(right, int | float) and abs(right) > MAX_EXPONENT:
+            raise SecurityError(f"the template raises a number to the power {right}")
+        return super().call_binop(context, operator, left, right)
+
+
+class _RenderTimeoutError(Exception):
+    pass
+
+
+def _with_deadline(render: Callable[[], str]) -> str:
+    """``render()``, stopped with ``_RenderTimeoutError`` once it has run ``RENDER_SECONDS``: a trace function on
+    the template's own frames (Jinja names their code ``<template>``) checks the clock on every line;
+    other frames run untraced. Costs ~2x on a render of ~1 ms."""
+    deadline = time.monotonic() + RENDER_SECONDS
+
+    def on_line(frame: FrameType, event: str, arg: Any) -> Any:
+        if time.monotonic() > deadline:
+            raise _RenderTimeoutError
+        return on_line
+
+    def on_call(frame: FrameType, event: str, arg: Any) -> Any:
+        return on_line if frame.f_code.co_filename == "<template>" else None
+
+    previous = sys.gettrace()
+    sys.settrace(on_call)
+    try:
+        return render()
+    finally:
+        sys.settrace(previous)
+
+
 def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -166,9 +217,9 @@ class ChatTemplate:
         self.extra = {"bos_token": bos_token, "eos_token": eos_token, "default_system": default_system}
         try:
             self._template = _environment().from_string(self.source)
-        except jinja2.TemplateError as exc:
+        except Exception as exc:  # noqa: BLE001 - TemplateSyntaxError, or RecursionError when nested deeply
             self._template = None
-            self._broken = f"the model's chat template does not compile: {exc}"
+            self._broken = f"the model's chat template does not compile: {type(exc).__name__}: {shown(str(exc), 200)}"
 
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, object]) -> ChatTemplate:
@@ -184,13 +235,18 @@ class ChatTemplate:
                 tools: list[Any] | None) -> str:
         if self._template is None:
             raise QwenliteError(self._broken)
+        template = self._template
         try:
-            return self._template.render(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
-                                         **self.extra)
+            return _with_deadline(lambda: template.render(messages=messages, tools=tools,
+                                                          add_generation_prompt=add_generation_prompt, **self.extra))
+        except _RenderTimeoutError:
+            raise QwenliteError(f"the chat template ran for more than {RENDER_SECONDS:g} s on this conversation; "
+                                "it is broken or hostile") from None
         except jinja2.TemplateError as exc:
-            raise QwenliteError(f"the chat template refused this conversation: {exc}") from None
-        except (TypeError, ValueError, KeyError, AttributeError, RecursionError) as exc:
-            raise QwenliteError(f"the chat template failed on this conversation: {type(exc).__name__}: {exc}") from None
+            raise QwenliteError(f"the chat template refused this conversation: {shown(str(exc), 200)}") from None
+        except Exception as exc:  # noqa: BLE001 - template code from the file can raise anything
+            raise QwenliteError(f"the chat template failed on this conversation: {type(exc).__name__}: "
+                                f"{shown(str(exc), 200)}") from None
 
     def encode(self, tokenizer: Any, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
                tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:

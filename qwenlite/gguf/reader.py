@@ -11,6 +11,7 @@ with a byte size that matches its type and shape.
 from __future__ import annotations
 
 import contextlib
+import math
 import mmap
 import os
 import struct
@@ -23,7 +24,7 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES
 from numba import njit
 
-from qwenlite.errors import GGUFError
+from qwenlite.errors import GGUFError, shown
 from qwenlite.gguf import names as gn
 from qwenlite.gguf.constants import (
     GGUF_DEFAULT_ALIGNMENT,
@@ -37,6 +38,12 @@ from qwenlite.gguf.constants import (
 
 MAX_DIMS = 4
 MAX_NAME_BYTES = 65535
+# ggml's GGML_MAX_NAME: llama.cpp refuses longer tensor names, and so do we.
+MAX_TENSOR_NAME_BYTES = 63
+# Arrays of arrays: the format allows them, no model uses more than one level, and the depth would
+# otherwise be bounded only by Python's recursion limit.
+MAX_ARRAY_DEPTH = 4
+_MISSING: Any = object()
 
 
 
@@ -121,7 +128,7 @@ class _Cursor:
         spans = np.empty((count, 2), dtype=np.int64)
         stop = _scan_strings(np.frombuffer(self.buf, dtype=np.uint8), self.pos, spans)
         if stop < 0:
-            raise GGUFError(f"{self.path}: truncated or corrupt GGUF: array {key!r} runs past the end of the file")
+            raise GGUFError(f"{self.path}: truncated or corrupt GGUF: array {shown(key)} runs past the end of the file")
         raw = bytes(self.buf[self.pos : stop])
         spans -= self.pos
         self.pos = stop
@@ -129,38 +136,40 @@ class _Cursor:
             flat = spans.ravel().tolist()
             return [raw[a:b].decode("utf-8") for a, b in zip(flat[0::2], flat[1::2])]
         except UnicodeDecodeError as exc:
-            raise GGUFError(f"{self.path}: an item of {key!r} is not valid UTF-8") from exc
+            raise GGUFError(f"{self.path}: an item of {shown(key)} is not valid UTF-8") from exc
 
     def value(self, vtype: int, key: str) -> Any:
         try:
             vt = GGUFValueType(vtype)
         except ValueError:
-            raise GGUFError(f"{self.path}: metadata key {key!r} has unknown value type {vtype}") from None
+            raise GGUFError(f"{self.path}: metadata key {shown(key)} has unknown value type {vtype}") from None
         if vt == GGUFValueType.STRING:
-            return self.string(f"value of {key!r}")
+            return self.string(f"value of {shown(key)}")
         if vt == GGUFValueType.ARRAY:
             return self.array(key)
-        value = self.scalar(SCALAR_STRUCT[vt], f"value of {key!r}")
+        value = self.scalar(SCALAR_STRUCT[vt], f"value of {shown(key)}")
         return bool(value) if vt == GGUFValueType.BOOL else value
 
-    def array(self, key: str) -> Any:
-        etype = self.scalar("<I", f"array type of {key!r}")
-        count = self.scalar("<Q", f"array length of {key!r}")
+    def array(self, key: str, depth: int = 1) -> Any:
+        if depth > MAX_ARRAY_DEPTH:
+            raise GGUFError(f"{self.path}: array {shown(key)} nests arrays more than {MAX_ARRAY_DEPTH} deep")
+        etype = self.scalar("<I", f"array type of {shown(key)}")
+        count = self.scalar("<Q", f"array length of {shown(key)}")
         left = len(self.buf) - self.pos
         try:
             et = GGUFValueType(etype)
         except ValueError:
-            raise GGUFError(f"{self.path}: array {key!r} has unknown element type {etype}") from None
+            raise GGUFError(f"{self.path}: array {shown(key)} has unknown element type {etype}") from None
         if et == GGUFValueType.STRING:
             if count > left // 8:  # every string costs at least its 8-byte length
-                raise GGUFError(f"{self.path}: array {key!r} claims {count} strings, more than the file holds")
+                raise GGUFError(f"{self.path}: array {shown(key)} claims {count} strings, more than the file holds")
             return self.strings(count, key)
         if et == GGUFValueType.ARRAY:
             if count > left // 12:
-                raise GGUFError(f"{self.path}: array {key!r} claims {count} arrays, more than the file holds")
-            return [self.array(key) for _ in range(count)]
+                raise GGUFError(f"{self.path}: array {shown(key)} claims {count} arrays, more than the file holds")
+            return [self.array(key, depth + 1) for _ in range(count)]
         dtype = np.dtype(NUMPY_DTYPE[et])
-        self.need(count * dtype.itemsize, f"array {key!r} of {count} items")
+        self.need(count * dtype.itemsize, f"array {shown(key)} of {count} items")
         arr = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos).copy()
         self.pos += count * dtype.itemsize
         return arr.astype(bool) if et == GGUFValueType.BOOL else arr
@@ -191,8 +200,12 @@ class GGUFFile:
         size = self.path.stat().st_size
         if size < 24:
             raise GGUFError(f"{self.path}: truncated GGUF file ({size} bytes)")
-        with open(self.path, "rb") as fh:
-            self._mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            with open(self.path, "rb") as fh:
+                self._mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        except OSError as e:
+            raise GGUFError(f"{self.path}: cannot map the {size / 2**20:.0f} MiB file into memory "
+                            f"({e.strerror or e}): an address-space limit (ulimit -v) is too low for it") from None
         try:
             self._parse(size)
         except BaseException:
@@ -220,21 +233,25 @@ class GGUFFile:
         self.metadata_types: dict[str, tuple[GGUFValueType, GGUFValueType | None]] = {}
         for _ in range(n_kv):
             key = cur.string("metadata key", MAX_NAME_BYTES)
-            vtype = cur.scalar("<I", f"type of {key!r}")
+            vtype = cur.scalar("<I", f"type of {shown(key)}")
             if key in self.metadata:
-                raise GGUFError(f"{self.path}: duplicate metadata key {key!r}")
+                raise GGUFError(f"{self.path}: duplicate metadata key {shown(key)}")
             array_start = cur.pos
             self.metadata[key] = cur.value(vtype, key)
             elem = struct.unpack_from("<I", buf, array_start)[0] if vtype == GGUFValueType.ARRAY else None
             self.metadata_types[key] = (GGUFValueType(vtype), None if elem is None else GGUFValueType(elem))
 
         alignment = self.metadata.get(gn.ALIGNMENT, GGUF_DEFAULT_ALIGNMENT)
-        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
-            raise GGUFError(f"{self.path}: {gn.ALIGNMENT} {alignment!r} is not a power of two")
+        if (isinstance(alignment, bool) or not isinstance(alignment, int) or not 0 < alignment <= 1 << 20
+                or alignment & (alignment - 1)):
+            raise GGUFError(f"{self.path}: {gn.ALIGNMENT} {shown(alignment)} is not a power of two up to 2**20")
 
         raw_infos = []
         for _ in range(n_tensors):
             name = cur.string("tensor name", MAX_NAME_BYTES)
+            if not name or len(name.encode()) > MAX_TENSOR_NAME_BYTES:
+                raise GGUFError(f"{self.path}: tensor name {shown(name)} is empty or longer than "
+                                f"{MAX_TENSOR_NAME_BYTES} bytes (ggml's limit)")
             n_dims = cur.scalar("<I", f"dimension count of {name!r}")
             if not 1 <= n_dims <= MAX_DIMS:
                 raise GGUFError(f"{self.path}: tensor {name!r} has {n_dims} dimensions (1..{MAX_DIMS} allowed)")
@@ -300,6 +317,61 @@ class GGUFFile:
         if kind is not object and not isinstance(value, kind):
             raise GGUFError(f"{self.path}: metadata {key!r} has type {type(value).__name__}")
         return value
+
+    # Typed accessors: every hyperparameter is read through one of these, which check presence,
+    # type, range and finiteness and name the key, so a hostile value is one clear GGUFError rather
+    # than a TypeError, an OverflowError or a ZeroDivisionError somewhere later.
+
+    def _lookup(self, key: str, default: Any) -> Any:
+        if key in self.metadata:
+            return self.metadata[key]
+        if default is _MISSING:
+            raise GGUFError(f"{self.path}: missing metadata key {key!r}")
+        return default
+
+    def _bad(self, key: str, want: str, value: Any) -> GGUFError:
+        return GGUFError(f"{self.path}: metadata {key!r} must be {want}, got {shown(value, 40)}")
+
+    def meta_int(self, key: str, default: Any = _MISSING, lo: int = 0, hi: int = 2**31 - 1) -> int:
+        """An integer key (any integer type) within ``lo..hi``."""
+        value = self._lookup(key, default)
+        if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer) or not lo <= value <= hi:
+            raise self._bad(key, f"an integer in {lo}..{hi}", value)
+        return int(value)
+
+    def meta_float(self, key: str, default: Any = _MISSING, lo: float = 0.0, hi: float = 3.4e38,
+                   lo_inclusive: bool = False) -> float:
+        """A finite number (float or integer key) in ``(lo, hi]`` (``[lo, hi]`` with ``lo_inclusive``)."""
+        value = self._lookup(key, default)
+        ok = isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool | np.bool_)
+        if ok:
+            x = float(value)
+            ok = math.isfinite(x) and (lo <= x if lo_inclusive else lo < x) and x <= hi
+        if not ok:
+            raise self._bad(key, f"a finite number in {'[' if lo_inclusive else '('}{lo:g}, {hi:g}]", value)
+        return float(value)
+
+    def meta_bool(self, key: str, default: Any = _MISSING) -> bool:
+        value = self._lookup(key, default)
+        if not isinstance(value, bool | np.bool_):
+            raise self._bad(key, "true or false", value)
+        return bool(value)
+
+    def meta_str(self, key: str, default: Any = _MISSING, choices: tuple[str, ...] | None = None) -> str:
+        value = self._lookup(key, default)
+        if not isinstance(value, str) or (choices is not None and value not in choices):
+            raise self._bad(key, "one of " + ", ".join(choices) if choices else "a string", value)
+        return value
+
+    def meta_ints(self, key: str, default: Any = _MISSING, lo: int = 0, hi: int = 2**31 - 1) -> tuple[int, ...]:
+        """An array of integers, each within ``lo..hi``."""
+        value = self._lookup(key, default)
+        if isinstance(value, tuple):
+            value = np.asarray(value, np.int64)
+        if (not isinstance(value, np.ndarray) or value.ndim != 1 or not np.issubdtype(value.dtype, np.integer)
+                or (value.size and not (lo <= value.min() and value.max() <= hi))):
+            raise self._bad(key, f"an array of integers in {lo}..{hi}", value)
+        return tuple(int(v) for v in value)
 
     def tensor(self, name: str) -> TensorInfo:
         if name not in self.tensors:

@@ -5,9 +5,14 @@ only depend on each tensor's byte size, so once every tensor is *declared* (name
 the whole header can be written and the data can follow one tensor at a time, as the converter
 produces it: the model never has to sit in memory.
 
-The file is written to ``<out>.tmp-<pid>`` next to the target, fsynced and atomically renamed at the
-end, so a reader never sees a half-written model and an interrupted run (exception, Ctrl-C) leaves
-nothing behind: the temp file is removed on every failure path.
+The file is written to ``<out>.incomplete-<pid>`` next to the target, fsynced and atomically renamed
+at the end, so a reader never sees a half-written model and an interrupted run (exception, Ctrl-C,
+SIGTERM through the CLI) leaves nothing behind: the temp file is removed on every failure path. A
+process killed outright (SIGKILL, power loss) cannot clean up; the next writer into the same folder
+removes the ``*.incomplete-<pid>`` files of processes that no longer run.
+
+The target must be a regular file or not exist (``-o /dev/null`` must not replace a device node with
+a file), and its folder must exist unless ``parents=True``.
 
 Layout details that readers rely on (gguf.h): all integers little-endian; strings are u64 length +
 UTF-8 bytes; tensor shapes are stored as ``ne`` (fastest-varying dimension first, i.e. the numpy shape
@@ -18,7 +23,9 @@ zeros to the next boundary.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -120,6 +127,50 @@ class _TensorDecl:
     offset: int
 
 
+INCOMPLETE = ".incomplete-"  # temp files are named <target>.incomplete-<pid>
+
+
+def check_output(path: Path, parents: bool = False) -> None:
+    """Refuse an output that exists and is not a regular file, or whose folder is missing."""
+    if path.exists() or path.is_symlink():
+        try:
+            mode = path.stat().st_mode
+        except OSError as e:
+            raise GGUFError(f"output {path}: {e.strerror or e}") from None
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file (a device, FIFO or socket)"
+            raise GGUFError(f"output {path} is {kind}; give the path of a file to write")
+    elif not parents and not path.parent.is_dir():
+        raise GGUFError(f"output folder {path.parent} does not exist (create it, or pass --mkdir)")
+
+
+def remove_stale(folder: Path) -> list[Path]:
+    """Delete ``*.incomplete-<pid>`` files in ``folder`` whose writing process no longer exists."""
+    removed = []
+    try:
+        candidates = [p for p in folder.iterdir() if INCOMPLETE in p.name]
+    except OSError:
+        return removed
+    for p in candidates:
+        pid = p.name.rsplit(INCOMPLETE, 1)[1]
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)) or not p.is_file():
+            continue
+        with contextlib.suppress(OSError):
+            p.unlink()
+            removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
 def _pad(n: int, alignment: int) -> int:
     return (alignment - n % alignment) % alignment
 
@@ -139,11 +190,14 @@ class GGUFWriter:
     ``shape`` is numpy order (slowest dimension first), the same convention as the reader.
     """
 
-    def __init__(self, path: str | os.PathLike[str], alignment: int = GGUF_DEFAULT_ALIGNMENT) -> None:
+    def __init__(self, path: str | os.PathLike[str], alignment: int = GGUF_DEFAULT_ALIGNMENT, *,
+                 parents: bool = False) -> None:
         if alignment <= 0 or alignment % 8 != 0:
             raise GGUFError(f"alignment must be a positive multiple of 8, got {alignment}")
         self.path = Path(path)
-        self.tmp_path = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+        check_output(self.path, parents)
+        self.parents = parents
+        self.tmp_path = self.path.with_name(f"{self.path.name}{INCOMPLETE}{os.getpid()}")
         self.alignment = alignment
         self._kv: dict[str, bytes] = {}
         self._tensors: dict[str, _TensorDecl] = {}
@@ -230,7 +284,9 @@ class GGUFWriter:
         """Open the temp file and write everything up to the start of the tensor data."""
         if self._file is not None:
             raise GGUFError("header already written")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.parents:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(self.path.parent)
         header = self._header_bytes()
         self._file = open(self.tmp_path, "wb")  # noqa: SIM115 - closed in finish()/abort()
         self._file.write(header)

@@ -121,8 +121,11 @@ def store_q8_0(qs, ds, x, seq, pos, bias, cos, sin):  # noqa: ANN001, ANN201
 # ---- attention: one (token, head) job per type ------------------------------------------------
 
 
-@njit(cache=True, fastmath=FASTMATH, inline="always")
+@njit(cache=True, fastmath=FASTMATH, inline="always", error_model="numpy")
 def _softmax_inplace(scores, n):
+    # error_model="numpy" here and in the jobs: weights holding NaN / inf can make ``total`` 0, and a
+    # ZeroDivisionError raised inside a kernel is a traceback; inf / NaN instead reach the forward
+    # pass's finiteness check, which names the layer.
     best = np.float32(-np.inf)
     for j in range(n):
         best = max(best, scores[j])
@@ -134,7 +137,7 @@ def _softmax_inplace(scores, n):
     return _F1 / total
 
 
-@njit(cache=True, fastmath=FASTMATH, nogil=True)
+@njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy")
 def _job_f32(q, kc, vc, seq, pos, n_heads, job, out):  # noqa: ANN001, ANN202
     hd = kc.shape[3]
     t, h = job // n_heads, job % n_heads
@@ -156,7 +159,7 @@ def _job_f32(q, kc, vc, seq, pos, n_heads, job, out):  # noqa: ANN001, ANN202
             o[i] += w * vc[s, kvh, j, i]
 
 
-@njit(cache=True, fastmath=FASTMATH, nogil=True)
+@njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy")
 def _job_f16(q, kc, vc, seq, pos, n_heads, job, out):  # noqa: ANN001, ANN202
     hd = kc.shape[3]
     t, h = job // n_heads, job % n_heads
@@ -178,7 +181,7 @@ def _job_f16(q, kc, vc, seq, pos, n_heads, job, out):  # noqa: ANN001, ANN202
             o[i] += w * _f16_to_f32(vc[s, kvh, j, i])
 
 
-@njit(cache=True, fastmath=FASTMATH, nogil=True)
+@njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy")
 def _job_q8_0(q, kq, kd, vq, vd, kbias, cos, sin, seq, pos, n_heads, job, out):  # noqa: ANN001, ANN202
     """Keys stored without their rotated bias: its share of each score is added exactly."""
     hd = kq.shape[3]

@@ -26,7 +26,7 @@ from qwenlite.quant.halfprec import _u32_as_f32
 FASTMATH = {"nnan", "ninf", "nsz", "contract", "reassoc"}
 
 
-@njit(cache=True, fastmath=FASTMATH, nogil=True)
+@njit(cache=True, fastmath=FASTMATH, nogil=True, error_model="numpy")
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """y = x / sqrt(mean(x^2) + eps) * weight, per row of ``x [T, d]``."""
     T, d = x.shape

@@ -13,12 +13,11 @@ rather than later as a shape mismatch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
-from qwenlite.errors import GGUFError, QwenliteError
+from qwenlite.errors import GGUFError, QwenliteError, shown
 from qwenlite.gguf import names as gn
 from qwenlite.gguf.reader import GGUFFile
 
@@ -26,6 +25,15 @@ from qwenlite.gguf.reader import GGUFFile
 ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "Qwen2MoeForCausalLM": "qwen2moe"}
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES.values())
 ROPE_SCALINGS = ("none", "linear", "yarn")
+# Sanity bounds on sizes, far above any real model (Qwen2-72B: 80 layers, width 29568, 64 heads;
+# Qwen2-MoE: 64 experts), so that a hostile value cannot drive unbounded work before a tensor
+# shape check would catch it.
+MAX_LAYERS = 1024
+MAX_WIDTH = 1 << 20
+MAX_HEADS = 4096
+MAX_EXPERTS = 4096
+MAX_VOCAB = 1 << 22
+FLOAT32_MAX = 3.4e38
 
 
 @dataclass(frozen=True)
@@ -65,49 +73,44 @@ class ModelConfig:
 
     @classmethod
     def from_gguf(cls, f: GGUFFile) -> ModelConfig:
+        """The hyperparameters of a GGUF file, every key read through the reader's typed accessors
+        (type, range, finiteness) and checked against the others and the tensor table."""
         arch = f.architecture
         if arch not in SUPPORTED_ARCHITECTURES:
-            raise GGUFError(
-                f"{f.path}: architecture {arch!r} is not supported (qwenlite runs {', '.join(SUPPORTED_ARCHITECTURES)})"
-            )
+            raise GGUFError(f"{f.path}: architecture {shown(arch)} is not supported "
+                            f"(qwenlite runs {', '.join(SUPPORTED_ARCHITECTURES)})")
 
         def key(template: str) -> str:
             return gn.arch_key(template, arch)
 
-        def need_int(template: str) -> int:
-            value = f.require(key(template), (int, np.integer))
-            if value <= 0:
-                raise GGUFError(f"{f.path}: {key(template)} = {value} must be positive")
-            return int(value)
-
-        n_embd = need_int(gn.EMBEDDING_LENGTH)
-        n_head = need_int(gn.HEAD_COUNT)
-        n_head_kv = int(f.get(key(gn.HEAD_COUNT_KV), n_head))
-        head_dim = int(f.get(key(gn.KEY_LENGTH), n_embd // n_head))
-        if head_dim <= 0 or head_dim % 2 or n_head_kv <= 0 or n_head % n_head_kv:
+        n_layer = f.meta_int(key(gn.BLOCK_COUNT), lo=1, hi=MAX_LAYERS)
+        n_embd = f.meta_int(key(gn.EMBEDDING_LENGTH), lo=1, hi=MAX_WIDTH)
+        n_head = f.meta_int(key(gn.HEAD_COUNT), lo=1, hi=MAX_HEADS)
+        n_head_kv = f.meta_int(key(gn.HEAD_COUNT_KV), n_head, lo=1, hi=n_head)
+        head_dim = f.meta_int(key(gn.KEY_LENGTH), max(1, n_embd // n_head), lo=1, hi=MAX_WIDTH)
+        if head_dim % 2 or n_head % n_head_kv:
             raise GGUFError(f"{f.path}: {n_head} heads / {n_head_kv} kv heads of size {head_dim} do not fit d={n_embd}")
-        scaling = f.get(key(gn.ROPE_SCALING_TYPE), "none") or "none"
-        if scaling not in ROPE_SCALINGS:
-            raise GGUFError(f"{f.path}: rope scaling {scaling!r} is not supported ({', '.join(ROPE_SCALINGS)})")
-        factor = float(f.get(key(gn.ROPE_SCALING_FACTOR), 1.0))
-        orig_ctx = int(f.get(key(gn.ROPE_SCALING_ORIG_CTX), 0))
-        if scaling != "none" and (factor <= 0 or (scaling == "yarn" and orig_ctx <= 0)):
-            raise GGUFError(f"{f.path}: rope scaling {scaling} needs a positive factor and original context length")
-        tokens = f.get(gn.TOKENS)
+        scaling = f.meta_str(key(gn.ROPE_SCALING_TYPE), "none", (*ROPE_SCALINGS, "")) or "none"
+        factor = f.meta_float(key(gn.ROPE_SCALING_FACTOR), 1.0, hi=1e6)
+        orig_ctx = f.meta_int(key(gn.ROPE_SCALING_ORIG_CTX), 0, lo=0)
+        if scaling == "yarn" and orig_ctx <= 0:
+            raise GGUFError(f"{f.path}: yarn rope scaling needs {key(gn.ROPE_SCALING_ORIG_CTX)}")
         embd = f.tensors.get(gn.weight(gn.TOKEN_EMBD))
-        n_vocab = embd.shape[0] if embd is not None else len(tokens or [])
+        if embd is None:
+            raise GGUFError(f"{f.path}: missing tensor {gn.weight(gn.TOKEN_EMBD)!r}")
+        n_vocab = embd.shape[0]
         cfg: dict[str, Any] = dict(
             arch=arch,
-            n_layer=need_int(gn.BLOCK_COUNT),
+            n_layer=n_layer,
             n_embd=n_embd,
-            n_ff=int(f.get(key(gn.FEED_FORWARD_LENGTH), 0)),
+            n_ff=f.meta_int(key(gn.FEED_FORWARD_LENGTH), 0, lo=0, hi=MAX_WIDTH),
             n_head=n_head,
             n_head_kv=n_head_kv,
             head_dim=head_dim,
             n_vocab=n_vocab,
-            n_ctx_train=need_int(gn.CONTEXT_LENGTH),
-            rope_base=float(f.get(key(gn.ROPE_FREQ_BASE), 10000.0)),
-            norm_eps=float(f.require(key(gn.RMS_EPS), (float, int))),
+            n_ctx_train=f.meta_int(key(gn.CONTEXT_LENGTH), lo=1),
+            rope_base=f.meta_float(key(gn.ROPE_FREQ_BASE), 10000.0, lo=1.0, lo_inclusive=True, hi=1e12),
+            norm_eps=f.meta_float(key(gn.RMS_EPS), hi=1.0),
             rope_scaling=scaling,
             rope_factor=factor,
             rope_orig_ctx=orig_ctx,
@@ -117,18 +120,17 @@ class ModelConfig:
             head_dim_explicit=key(gn.KEY_LENGTH) in f.metadata,
         )
         if arch == "qwen2moe":
-            n_expert = need_int(gn.EXPERT_COUNT)
-            n_used = need_int(gn.EXPERT_USED_COUNT)
-            if n_used > n_expert:
-                raise GGUFError(f"{f.path}: {n_used} experts used per token but only {n_expert} exist")
-            dense = f.get(key(gn.DENSE_LAYERS))
+            n_expert = f.meta_int(key(gn.EXPERT_COUNT), lo=1, hi=MAX_EXPERTS)
+            dense = f.meta_ints(key(gn.DENSE_LAYERS), (), lo=0, hi=n_layer - 1)
+            if len(set(dense)) != len(dense):
+                raise GGUFError(f"{f.path}: {key(gn.DENSE_LAYERS)} names a layer twice")
             cfg.update(
                 n_expert=n_expert,
-                n_expert_used=n_used,
-                n_ff_expert=int(f.get(key(gn.EXPERT_FEED_FORWARD_LENGTH), 0)),
-                n_ff_shared=int(f.get(key(gn.EXPERT_SHARED_FEED_FORWARD_LENGTH), 0)),
-                expert_weights_norm=bool(f.get(key(gn.EXPERT_WEIGHTS_NORM), False)),
-                dense_layers=tuple(int(i) for i in dense) if dense is not None else (),
+                n_expert_used=f.meta_int(key(gn.EXPERT_USED_COUNT), lo=1, hi=n_expert),
+                n_ff_expert=f.meta_int(key(gn.EXPERT_FEED_FORWARD_LENGTH), 0, lo=0, hi=MAX_WIDTH),
+                n_ff_shared=f.meta_int(key(gn.EXPERT_SHARED_FEED_FORWARD_LENGTH), 0, lo=0, hi=MAX_WIDTH),
+                expert_weights_norm=f.meta_bool(key(gn.EXPERT_WEIGHTS_NORM), False),
+                dense_layers=dense,
             )
         return cls(**cfg)
 
@@ -136,20 +138,21 @@ class ModelConfig:
     def from_hf_config(cls, cfg: dict[str, Any]) -> ModelConfig:
         """Validate a Hugging Face ``config.json`` dict (Qwen2 / Qwen2-MoE) and return its hyperparameters."""
         archs = cfg.get("architectures")
-        if not isinstance(archs, list) or not archs:
-            raise QwenliteError("config.json: no 'architectures' entry")
+        if not isinstance(archs, list) or not archs or not isinstance(archs[0], str):
+            raise QwenliteError("config.json: 'architectures' must be a list of names, e.g. [\"Qwen2ForCausalLM\"]")
         hf_arch = archs[0]
         arch = ARCHITECTURES.get(hf_arch)
         if arch is None:
-            raise QwenliteError(f"unsupported architecture {hf_arch!r}; qwenlite converts {', '.join(ARCHITECTURES)}")
-        n_layer = _int(cfg, "num_hidden_layers")
-        n_embd = _int(cfg, "hidden_size")
-        n_head = _int(cfg, "num_attention_heads")
-        n_head_kv = _int(cfg, "num_key_value_heads", n_head)
+            raise QwenliteError(f"unsupported architecture {shown(hf_arch)}; qwenlite converts "
+                                f"{', '.join(ARCHITECTURES)}")
+        n_layer = _int(cfg, "num_hidden_layers", maximum=MAX_LAYERS)
+        n_embd = _int(cfg, "hidden_size", maximum=MAX_WIDTH)
+        n_head = _int(cfg, "num_attention_heads", maximum=MAX_HEADS)
+        n_head_kv = _int(cfg, "num_key_value_heads", n_head, maximum=n_head)
         if n_head % n_head_kv:
             raise QwenliteError(f"config.json: {n_head} attention heads are not a multiple of {n_head_kv} kv heads")
         head_dim_explicit = cfg.get("head_dim") is not None
-        head_dim = _int(cfg, "head_dim") if head_dim_explicit else n_embd // n_head
+        head_dim = _int(cfg, "head_dim", maximum=MAX_WIDTH) if head_dim_explicit else n_embd // n_head
         if not head_dim_explicit and n_embd % n_head:
             raise QwenliteError(f"config.json: hidden_size {n_embd} is not a multiple of {n_head} heads")
         if head_dim % 2:
@@ -160,15 +163,15 @@ class ModelConfig:
             hf_arch=hf_arch,
             n_layer=n_layer,
             n_embd=n_embd,
-            n_ff=_int(cfg, "intermediate_size"),
+            n_ff=_int(cfg, "intermediate_size", maximum=MAX_WIDTH),
             n_head=n_head,
             n_head_kv=n_head_kv,
             head_dim=head_dim,
             head_dim_explicit=head_dim_explicit,
-            n_vocab=_int(cfg, "vocab_size"),
-            n_ctx_train=_int(cfg, "max_position_embeddings"),
+            n_vocab=_int(cfg, "vocab_size", maximum=MAX_VOCAB),
+            n_ctx_train=_int(cfg, "max_position_embeddings", maximum=2**31 - 1),
             rope_base=rope_base,
-            norm_eps=_float(cfg.get("rms_norm_eps", 1e-6), "rms_norm_eps"),
+            norm_eps=_float(cfg.get("rms_norm_eps", 1e-6), "rms_norm_eps", maximum=1.0),
             tied_embeddings=_bool(cfg, "tie_word_embeddings", False),
             qkv_bias=_bool(cfg, "qkv_bias", True) if arch == "qwen2moe" else True,
             rope_scaling=scaling,
@@ -178,24 +181,24 @@ class ModelConfig:
         if arch == "qwen2":
             return cls(**common)
 
-        n_expert = _int(cfg, "num_experts")
-        n_used = _int(cfg, "num_experts_per_tok")
+        n_expert = _int(cfg, "num_experts", maximum=MAX_EXPERTS)
+        n_used = _int(cfg, "num_experts_per_tok", maximum=MAX_EXPERTS)
         if n_used > n_expert:
             raise QwenliteError(f"config.json: num_experts_per_tok {n_used} exceeds num_experts {n_expert}")
-        step = _int(cfg, "decoder_sparse_step", 1)
+        step = _int(cfg, "decoder_sparse_step", 1, maximum=MAX_LAYERS)
         mlp_only = cfg.get("mlp_only_layers") or []
         if not isinstance(mlp_only, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in mlp_only):
-            raise QwenliteError(f"config.json: mlp_only_layers must be a list of layer numbers, got {mlp_only!r}")
+            raise QwenliteError(f"config.json: mlp_only_layers must be a list of layer numbers, got {shown(mlp_only)}")
         if any(not 0 <= i < n_layer for i in mlp_only):
-            raise QwenliteError(f"config.json: mlp_only_layers {mlp_only} names layers outside 0..{n_layer - 1}")
+            raise QwenliteError(f"config.json: mlp_only_layers {shown(mlp_only)} names layers outside 0..{n_layer - 1}")
         # transformers' rule (Qwen2MoeDecoderLayer): sparse iff not listed and (i + 1) % step == 0
         dense = tuple(i for i in range(n_layer) if i in mlp_only or (i + 1) % step != 0)
         return cls(
             **common,
             n_expert=n_expert,
             n_expert_used=n_used,
-            n_ff_expert=_int(cfg, "moe_intermediate_size"),
-            n_ff_shared=_int(cfg, "shared_expert_intermediate_size"),
+            n_ff_expert=_int(cfg, "moe_intermediate_size", maximum=MAX_WIDTH),
+            n_ff_shared=_int(cfg, "shared_expert_intermediate_size", maximum=MAX_WIDTH),
             expert_weights_norm=_bool(cfg, "norm_topk_prob", False),
             dense_layers=dense,
         )
@@ -205,18 +208,21 @@ class ModelConfig:
 # config.json field checks
 
 
-def _int(cfg: dict[str, Any], key: str, default: int | None = None, minimum: int = 1) -> int:
+def _int(cfg: dict[str, Any], key: str, default: int | None = None, minimum: int = 1,
+         maximum: int = 2**31 - 1) -> int:
     value = cfg.get(key, default)
     if value is None:
         raise QwenliteError(f"config.json: missing {key!r}")
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise QwenliteError(f"config.json: {key!r} must be an integer >= {minimum}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise QwenliteError(f"config.json: {key!r} must be an integer in {minimum}..{maximum}, got {shown(value)}")
     return value
 
 
-def _float(value: Any, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise QwenliteError(f"config.json: {key!r} must be a positive number, got {value!r}")
+def _float(value: Any, key: str, maximum: float = FLOAT32_MAX) -> float:
+    """A positive finite number that a GGUF float32 key can hold."""
+    if (isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= maximum
+            or not math.isfinite(value)):
+        raise QwenliteError(f"config.json: {key!r} must be a finite number in (0, {maximum:g}], got {shown(value)}")
     return float(value)
 
 
@@ -233,16 +239,16 @@ def _rope(cfg: dict[str, Any]) -> tuple[float, str, float, int]:
     if not isinstance(params, dict):
         raise QwenliteError("config.json: rope_parameters / rope_scaling must be an object")
     theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    theta = _float(theta, "rope_theta")
+    theta = _float(theta, "rope_theta", maximum=1e12)
     kind = params.get("rope_type", params.get("type"))
     if kind in (None, "default"):
         return theta, "none", 1.0, 0
     factor = params.get("factor")
     if kind == "linear" and factor is not None:
-        return theta, "linear", _float(factor, "rope factor"), 0
+        return theta, "linear", _float(factor, "rope factor", maximum=1e6), 0
     if kind == "yarn" and factor is not None:
         orig = params.get("original_max_position_embeddings", cfg.get("original_max_position_embeddings"))
-        if isinstance(orig, bool) or not isinstance(orig, int) or orig <= 0:
+        if isinstance(orig, bool) or not isinstance(orig, int) or not 0 < orig < 2**31:
             raise QwenliteError("config.json: yarn rope scaling needs original_max_position_embeddings")
-        return theta, "yarn", _float(factor, "rope factor"), orig
-    raise QwenliteError(f"config.json: unsupported rope scaling {kind!r} (qwenlite handles linear and yarn)")
+        return theta, "yarn", _float(factor, "rope factor", maximum=1e6), orig
+    raise QwenliteError(f"config.json: unsupported rope scaling {shown(kind)} (qwenlite handles linear and yarn)")

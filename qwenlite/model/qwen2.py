@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qwenlite.backends.base import Backend
+from qwenlite.errors import QwenliteError
 from qwenlite.gguf import names as gn
 from qwenlite.kernels.ops import rope_tables
 from qwenlite.model.config import ModelConfig
@@ -112,6 +113,7 @@ class Qwen2:
         after storing every token's keys and values in ``cache``."""
         cfg, be = self.cfg, self.backend
         x = be.embed(self.embed, ids)
+        self._check(x, "the embedding rows of this batch (token_embd.weight)")
         for i, b in enumerate(self.blocks):
             h = be.rms_norm(x, b.attn_norm, cfg.norm_eps)
             q, k, v = be.linear(b.wq, h), be.linear(b.wk, h), be.linear(b.wv, h)
@@ -120,6 +122,16 @@ class Qwen2:
             cache.store(i, k, v, seq, pos)
             x += be.linear(b.wo, cache.attend(i, q, seq, pos, cfg.n_head))
             x += b.ffn(be, be.rms_norm(x, b.ffn_norm, cfg.norm_eps))
+            self._check(x, f"the output of layer {i} (blk.{i}.*)")
         if rows.shape[0] != x.shape[0]:
             x = np.ascontiguousarray(x[rows])
-        return be.linear(self.output, be.rms_norm(x, self.out_norm, cfg.norm_eps))
+        logits = be.linear(self.output, be.rms_norm(x, self.out_norm, cfg.norm_eps))
+        self._check(logits, "the logits (output_norm / output.weight)")
+        return logits
+
+    def _check(self, x: np.ndarray, where: str) -> None:
+        """A clear error instead of NaN logits (sampled as garbage) when a file's weights hold NaN or
+        inf, or overflow: checked after every layer, so the error names where it first happened."""
+        if not self.backend.all_finite(x):
+            raise QwenliteError(f"the model produced NaN or infinite values in {where}: its weights are "
+                                "broken (NaN / inf, or so large that they overflow)")

@@ -95,7 +95,11 @@ class Loader:
         b = vector(f, f"{name}.bias", n_out) if bias else None
         allowed = self.policy.interleave_experts if experts else self.policy.interleave
         if interleave and allowed and t.qtype in X8_TYPES and n_out % 8 == 0:
-            return Linear(_read_interleaved(f, t), int(t.qtype), n_in, n_out, b, True)
+            try:
+                return Linear(_read_interleaved(f, t), int(t.qtype), n_in, n_out, b, True)
+            except MemoryError:
+                raise GGUFError(f"{f.path}: not enough memory for tensor {t.name!r} ({t.nbytes / 2**20:.0f} MiB) "
+                                "while loading the model") from None
         return Linear(t.rows(), int(t.qtype), n_in, n_out, b)
 
     def stacked(self, names: list[str], n_in: int, n_out: int) -> Linear | None:

@@ -33,6 +33,10 @@ from qwenlite.errors import QwenliteError
 from qwenlite.gguf.constants import TokenType
 from qwenlite.tokenizer.vocab import Vocab, read_vocab
 
+# Longest whitespace run handed to tiktoken in one piece (see ``Tokenizer._encode_plain``).
+MAX_SPACE_RUN = 4096
+_LONG_SPACE = re.compile(r"\s{" + str(MAX_SPACE_RUN + 1) + ",}")
+
 
 def _special_splitter(texts: Iterable[str]) -> re.Pattern[str] | None:
     """A regex that finds any of ``texts``, preferring the longest at each position."""
@@ -137,7 +141,32 @@ class Tokenizer:
     def _encode_plain(self, text: str) -> list[int]:
         if self.nfc and not unicodedata.is_normalized("NFC", text):
             text = unicodedata.normalize("NFC", text)
-        return self._encoding.encode_ordinary(text)
+        if len(text) <= MAX_SPACE_RUN:
+            return self._ordinary(text)
+        # tiktoken's regex engine overflows its stack (a Rust panic, not an Exception) on a whitespace
+        # run of ~10^6 characters, where the split pattern's look-ahead backtracks. Runs longer than
+        # MAX_SPACE_RUN are cut into pieces of that size; the run's last character stays with the text
+        # after it, as the split pattern would keep it (" word"). Shorter runs, that is all real text,
+        # tokenize exactly as in one call; 10 MB of spaces takes ~1 s.
+        ids: list[int] = []
+        pos = 0
+        for m in _LONG_SPACE.finditer(text):
+            a, b = m.span()
+            if a > pos:
+                ids.extend(self._ordinary(text[pos:a]))
+            for c in range(a, b - 1, MAX_SPACE_RUN):
+                ids.extend(self._ordinary(text[c : min(c + MAX_SPACE_RUN, b - 1)]))
+            pos = b - 1
+        ids.extend(self._ordinary(text[pos:]))
+        return ids
+
+    def _ordinary(self, text: str) -> list[int]:
+        try:
+            return self._encoding.encode_ordinary(text)
+        except BaseException as exc:  # pyo3's PanicException derives from BaseException
+            if type(exc).__name__ != "PanicException":
+                raise
+            raise QwenliteError(f"tokenizer: the BPE engine failed on a text of {len(text)} characters") from None
 
     # -- decoding ---------------------------------------------------------------------------------
 

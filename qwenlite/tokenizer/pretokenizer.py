@@ -6,7 +6,7 @@ Keyed by GGUF ``tokenizer.ggml.pre``. The patterns are the ones in the models' o
 
 from __future__ import annotations
 
-from qwenlite.errors import QwenliteError
+from qwenlite.errors import QwenliteError, shown
 
 # Qwen2 / Qwen2.5: like cl100k but digits are split one by one (\p{N} without {1,3}).
 QWEN2 = (
@@ -23,5 +23,5 @@ def pattern_for(pre: str) -> str:
         return PATTERNS[pre]
     except KeyError:
         raise QwenliteError(
-            f"tokenizer: unsupported pre-tokenizer '{pre}' (qwenlite supports: {', '.join(sorted(PATTERNS))})"
+            f"tokenizer: unsupported pre-tokenizer {shown(pre)} (qwenlite supports: {', '.join(sorted(PATTERNS))})"
         ) from None

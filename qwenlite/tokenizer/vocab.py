@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from qwenlite.errors import QwenliteError
+from qwenlite.errors import QwenliteError, shown
 from qwenlite.gguf import names as gn
 from qwenlite.gguf.constants import TokenType
 from qwenlite.tokenizer.bytelevel import texts_to_bytes
@@ -127,7 +127,7 @@ def _check_ids_are_ranks(merges: list[str], normal_ids: dict[str, int], n_multib
     well_formed = len(halves) == 2 * len(merges) and len(results) == len(merges)
     if not well_formed or list(map(str.__add__, lefts, rights)) != results:
         i = next(k for k, m in enumerate(merges) if m.count(" ") != 1 or "\n" in m)
-        raise QwenliteError(f"tokenizer vocabulary: merge {i} ({merges[i]!r}) is not two tokens")
+        raise QwenliteError(f"tokenizer vocabulary: merge {i} ({shown(merges[i])}) is not two tokens")
     get = normal_ids.get
     n = len(merges)
     a = np.fromiter(map(get, lefts, repeat(-1)), np.int64, n)
@@ -136,13 +136,13 @@ def _check_ids_are_ranks(merges: list[str], normal_ids: dict[str, int], n_multib
     bad = (a < 0) | (b < 0) | (r < 0)
     if bad.any():
         i = int(np.argmax(bad))
-        raise QwenliteError(f"tokenizer vocabulary: merge {i} ({merges[i]!r}) does not join two normal tokens")
+        raise QwenliteError(f"tokenizer vocabulary: merge {i} ({shown(merges[i])}) does not join two normal tokens")
     bad = (r <= a) | (r <= b)
     bad[1:] |= r[1:] <= r[:-1]
     if bad.any():
         i = int(np.argmax(bad))
         raise QwenliteError(
-            f"tokenizer vocabulary: merge {i} ({merges[i]!r}) gives token {int(r[i])} out of rank order; "
+            f"tokenizer vocabulary: merge {i} ({shown(merges[i])}) gives token {int(r[i])} out of rank order; "
             "qwenlite needs a BPE vocabulary whose token ids are merge ranks"
         )
 
@@ -157,7 +157,7 @@ def _special_tables(texts: list[str], types: np.ndarray) -> tuple[dict[str, int]
         if not text:
             raise QwenliteError(f"tokenizer vocabulary: special token {i} has empty text")
         if text in control or text in user_defined:
-            raise QwenliteError(f"tokenizer vocabulary: special token text {text!r} appears twice")
+            raise QwenliteError(f"tokenizer vocabulary: special token text {shown(text)} appears twice")
         table = user_defined if types[i] == TokenType.USER_DEFINED else control
         table[text] = i
     return control, user_defined
@@ -174,7 +174,7 @@ def read_vocab(md: Mapping[str, Any]) -> Vocab:
             "BPE ('gpt2') vocabularies such as Qwen2's"
         )
     if model != "gpt2":
-        raise QwenliteError(f"tokenizer: unsupported tokenizer model '{model}' (qwenlite supports 'gpt2')")
+        raise QwenliteError(f"tokenizer: unsupported tokenizer model {shown(model)} (qwenlite supports 'gpt2')")
     # Files converted before llama.cpp recorded the pre-tokenizer carry no 'pre'; every byte-level
     # model qwenlite can run is a Qwen2-family model, so the Qwen2 split is the right default.
     pre = _optional_str(md, gn.TOKENIZER_PRE) or "qwen2"
