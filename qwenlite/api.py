@@ -108,9 +108,11 @@ class Model:
     def __init__(self, path: str | os.PathLike[str], n_threads: int | None = None, n_ctx: int | None = None, *,
                  n_seq: int = DEFAULT_N_SEQ, kv_type: str | None = None, n_batch: int = DEFAULT_N_BATCH,
                  backend: str = "cpu") -> None:
+        if not isinstance(path, str | os.PathLike):
+            raise QwenliteError(f"load() takes a model file path or a known model's name, not {type(path).__name__}")
         if n_threads is not None:
-            if n_threads < 1:
-                raise QwenliteError(f"threads must be >= 1, got {n_threads}")
+            if isinstance(n_threads, bool) or not isinstance(n_threads, int) or n_threads < 1:
+                raise QwenliteError(f"threads must be an integer >= 1, got {n_threads!r}")
             numba.set_num_threads(min(n_threads, numba.config.NUMBA_NUM_THREADS))
         # Numba's thread count is per calling thread: every call (and the server's scheduler thread)
         # sets it again on entry, or a model loaded with 1 thread would run on all cores elsewhere.
@@ -249,7 +251,7 @@ class Model:
             grammar = Grammar.json_schema(self.tokenizer, json_schema)
         constraint = grammar.start() if grammar is not None else None
         info = _StreamInfo()
-        out = Stream(self._stream(ids, max_tokens, Sampler(cfg), tuple(stop), info, constraint), info)
+        out = Stream(self._stream(ids, max_tokens, Sampler(cfg), _stop_strings(stop), info, constraint), info)
         return out if stream else "".join(out)
 
     def grammar(self, *, grammar: str | None = None, json_schema: Mapping[str, Any] | None = None,
@@ -454,7 +456,7 @@ class Model:
             return emit
 
         reqs = [Request(ids, max_tokens, SamplerConfig(temperature, top_k, top_p, min_p, repeat_penalty, seed=s),
-                        tuple(stop), emit=collect(i)) for i, (ids, s) in enumerate(zip(lists, seeds))]
+                        _stop_strings(stop), emit=collect(i)) for i, (ids, s) in enumerate(zip(lists, seeds))]
         with self._exclusive():
             self.runtime.clear()
             try:
@@ -494,6 +496,17 @@ class Model:
 # Above the trained context RoPE extrapolates (badly, without a scaling method); far above it the request
 # is a mistake, refused before any address space is reserved for the cache.
 MAX_CTX_FACTOR = 8
+
+
+def _stop_strings(stop: str | Sequence[str] | None) -> tuple[str, ...]:
+    """Stop strings as a tuple: one string, or a list of them."""
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = (stop,)
+    if not isinstance(stop, Sequence) or not all(isinstance(x, str) for x in stop):
+        raise QwenliteError(f"stop must be a string or a list of strings, got {type(stop).__name__}")
+    return tuple(x for x in stop if x)
 
 
 def check_n_ctx(n_ctx: int | None, n_ctx_train: int) -> int:

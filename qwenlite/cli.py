@@ -21,7 +21,7 @@ import time
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from qwenlite import __version__, hub
 from qwenlite.chat.sampler import Sampler, SamplerConfig
@@ -550,7 +550,7 @@ def _add_sampling(p: argparse.ArgumentParser, n_default: int) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qwenlite", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="qwenlite", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"qwenlite {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -637,6 +637,13 @@ def build_parser() -> argparse.ArgumentParser:
     _output_flags(p)
     p.set_defaults(func=cmd_quantize)
     return parser
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (the usage block would bury it); subcommands inherit it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _output_flags(p: argparse.ArgumentParser) -> None:
