@@ -40,7 +40,7 @@ from qwenlite.chat import logprobs as lp
 from qwenlite.chat import tools as tl
 from qwenlite.chat.constrain import Grammar
 from qwenlite.chat.sampler import SamplerConfig
-from qwenlite.errors import QwenliteError
+from qwenlite.errors import QwenliteError, shown
 from qwenlite.runtime.scheduler import Request, Result, Update
 
 MAX_STOP_STRINGS = 16
@@ -70,7 +70,7 @@ def _number(body: Mapping[str, Any], name: str, lo: float, hi: float, default: f
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise _bad(name, f"must be a number, got {value!r}", "invalid_type")
+        raise _bad(name, f"must be a number, got {shown(value)}", "invalid_type")
     if not lo <= value <= hi:
         raise _bad(name, f"must be between {lo} and {hi}, got {value}")
     return float(value)
@@ -81,7 +81,7 @@ def _integer(body: Mapping[str, Any], name: str, lo: int, hi: int | None, defaul
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _bad(name, f"must be an integer, got {value!r}", "invalid_type")
+        raise _bad(name, f"must be an integer, got {shown(value)}", "invalid_type")
     if value < lo or (hi is not None and value > hi):
         raise _bad(name, f"must be between {lo} and {hi if hi is not None else 'inf'}, got {value}")
     return value
@@ -92,7 +92,7 @@ def boolean(body: Mapping[str, Any], name: str, default: bool) -> bool:
     if value is None:
         return default
     if not isinstance(value, bool):
-        raise _bad(name, f"must be true or false, got {value!r}", "invalid_type")
+        raise _bad(name, f"must be true or false, got {shown(value)}", "invalid_type")
     return value
 
 
@@ -119,11 +119,11 @@ def _logit_bias(body: Mapping[str, Any], n_vocab: int) -> tuple[tuple[int, float
         try:
             tok = int(key)
         except (TypeError, ValueError):
-            raise _bad("logit_bias", f"key {key!r} is not a token id") from None
+            raise _bad("logit_bias", f"key {shown(key)} is not a token id") from None
         if not 0 <= tok < n_vocab:
             raise _bad("logit_bias", f"token id {tok} out of range 0..{n_vocab - 1}")
         if isinstance(value, bool) or not isinstance(value, int | float) or not -100 <= value <= 100:
-            raise _bad("logit_bias", f"bias of token {tok} must be a number in [-100, 100], got {value!r}")
+            raise _bad("logit_bias", f"bias of token {tok} must be a number in [-100, 100], got {shown(value)}")
         out.append((tok, float(value)))
     return tuple(out)
 
@@ -178,7 +178,7 @@ def _text_content(content: Any, i: int, nullable: bool = False) -> str | None:
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
                 raise _bad(f"messages[{i}].content[{j}]",
-                           f"only text parts are supported (this model reads text), got {kind!r}")
+                           f"only text parts are supported (this model reads text), got {shown(kind)}")
             parts.append(part["text"])
         return "".join(parts)
     raise _bad(f"messages[{i}].content", "must be a string or a list of text parts", "invalid_type")
@@ -213,7 +213,7 @@ def parse_messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
         role = m.get("role")
         role = "system" if role == "developer" else role
         if role not in ("system", "user", "assistant", "tool"):
-            raise _bad(f"messages[{i}].role", f"unknown role {role!r} (expected system, user, assistant or tool)")
+            raise _bad(f"messages[{i}].role", f"unknown role {shown(role)} (expected system, user, assistant or tool)")
         msg: dict[str, Any] = {"role": role, "content": _text_content(m.get("content"), i)}
         if role == "assistant" and m.get("tool_calls"):
             msg["tool_calls"] = _tool_calls(m["tool_calls"], i)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qwenlite.chat.constrain import JSON_OPTIONS, Grammar
-from qwenlite.errors import QwenliteError
+from qwenlite.errors import QwenliteError, shown
 
 OPEN = "<tool_call>"
 CLOSE = "</tool_call>"
@@ -52,9 +52,10 @@ def check_tools(tools: Any) -> list[dict[str, Any]]:
             raise QwenliteError(f"tools[{i}]: needs a 'function' object")
         name = fn.get("name")
         if not isinstance(name, str) or not name or len(name) > 64 or not all(c.isalnum() or c in "_-." for c in name):
-            raise QwenliteError(f"tools[{i}].function.name must be 1-64 letters, digits, '_', '-' or '.', got {name!r}")
+            raise QwenliteError(f"tools[{i}].function.name must be 1-64 letters, digits, '_', '-' or '.', "
+                                f"got {shown(name)}")
         if name in seen:
-            raise QwenliteError(f"tools[{i}]: a second function named {name!r}")
+            raise QwenliteError(f"tools[{i}]: a second function named {shown(name)}")
         seen.add(name)
         params = fn.get("parameters", {"type": "object", "properties": {}})
         if not isinstance(params, Mapping):
@@ -74,12 +75,12 @@ def check_choice(choice: Any, tools: Sequence[Mapping[str, Any]]) -> ToolChoice:
         return ToolChoice("auto" if tools else "none")
     if choice in ("auto", "none", "required"):
         if choice != "none" and not tools:
-            raise QwenliteError(f"tool_choice is {choice!r} but no tools were given")
+            raise QwenliteError(f"tool_choice is {shown(choice)} but no tools were given")
         return ToolChoice(choice)
     if isinstance(choice, Mapping) and isinstance(choice.get("function"), Mapping):
         name = choice["function"].get("name")
         if name not in names:
-            raise QwenliteError(f"tool_choice names the function {name!r}, which is not in tools "
+            raise QwenliteError(f"tool_choice names the function {shown(name)}, which is not in tools "
                                 f"({', '.join(map(repr, names)) or 'none given'})")
         return ToolChoice("function", name)
     raise QwenliteError("tool_choice must be 'auto', 'none', 'required' or "
