@@ -54,11 +54,18 @@ class SourceTensor:
         return int(np.prod(self.shape[:-1], dtype=np.int64))
 
 
+def all_finite(x: np.ndarray) -> bool:
+    """True when no value of ``x`` is NaN or inf. A float32 sum first (NaN / inf propagate into it;
+    2.6 ms per 64 MiB, a float64 sum takes 18 ms), the exact test only when the sum is not finite,
+    which a sum that merely overflowed also gives."""
+    return bool(np.isfinite(x.sum())) or bool(np.isfinite(x).all())
+
+
 def _float_chunks(src: SourceTensor, allow_nonfinite: bool = False) -> Iterator[np.ndarray]:
     """float32 ``(rows, n)`` chunks of the tensor, in row order, checked for NaN / inf: a checkpoint
     whose weights hold them gives a model that can only produce garbage, so that is an error unless
-    ``allow_nonfinite`` (then one warning per tensor). The check is one float64 sum per chunk
-    (NaN / inf propagate; float32 values cannot overflow it), ~2% of a q8_0 conversion."""
+    ``allow_nonfinite`` (then one warning per tensor). The check is ``all_finite``: 2.6 ms per 64 MiB
+    chunk, against 16 ms to encode that chunk as q8_0 and 1.1 s as q4_k."""
     n = src.n_cols
     step = max(1, CHUNK_BYTES // (4 * n))
     row, warned = 0, False
@@ -67,7 +74,7 @@ def _float_chunks(src: SourceTensor, allow_nonfinite: bool = False) -> Iterator[
         for r0 in range(0, rows.shape[0], step):
             raw = rows[r0 : r0 + step]
             x = np.ascontiguousarray(to_float32(raw, dtype), dtype=np.float32)
-            if not np.isfinite(x.sum(dtype=np.float64)):
+            if not all_finite(x):
                 bad = int(np.count_nonzero(~np.isfinite(x)))
                 first = row + int(np.argmax(~np.isfinite(x).all(axis=1)))
                 where = f"tensor {src.name!r} holds {bad}+ NaN or infinite values (the first in row {first})"

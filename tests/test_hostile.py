@@ -518,12 +518,18 @@ def test_negative_feed_forward_length_names_the_key(tiny: Path, tmp_path: Path) 
         qwenlite.load(bad)
 
 
-def test_address_space_limit_names_the_allocation(tiny: Path) -> None:
-    code = ("import resource, qwenlite\n"
-            "resource.setrlimit(resource.RLIMIT_AS, (1 << 33, 1 << 33))\n"
-            f"qwenlite.load({str(tiny)!r}, n_ctx=2048, n_seq=200000)\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert "QwenliteError: cannot reserve" in r.stderr and "for the KV cache" in r.stderr
+def test_address_space_limit_names_the_allocation(tiny: Path, tmp_path: Path) -> None:
+    sparse = tmp_path / "sparse.gguf"
+    shutil.copy(tiny, sparse)
+    os.truncate(sparse, 9 << 30)  # 9 GiB, almost all of it a hole
+    for call in (f"qwenlite.load({str(tiny)!r}, n_ctx=2048, n_seq=200000)", f"qwenlite.load({str(sparse)!r})"):
+        code = ("import resource, qwenlite\n"
+                "resource.setrlimit(resource.RLIMIT_AS, (1 << 33, 1 << 33))\n"
+                f"{call}\n")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith(("qwenlite.errors.QwenliteError: cannot reserve", "qwenlite.errors.GGUFError:")), last
+        assert "for the KV cache" in last or "cannot map the 9216 MiB file into memory" in last, last
 
 
 # ---- 13. one model, many threads ---------------------------------------------------------------------

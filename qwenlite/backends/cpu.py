@@ -98,9 +98,10 @@ class CPUBackend:
         return top, weights.astype(np.float32)
 
     def all_finite(self, x: np.ndarray) -> bool:
-        # One float64 reduction, no temporary: NaN and inf propagate into the sum, and float32 values
-        # cannot overflow a float64 sum. ~2 us on a decode row of 896, 0.1 ms on 512 x 896.
-        return bool(np.isfinite(x.sum(dtype=np.float64)))
+        # A float32 sum (NaN / inf propagate into it), the exact test only when it is not finite,
+        # which an overflowing sum of finite values also gives: 2 us on a decode row of 896, 0.1 ms on
+        # 512 x 896 (after every layer: ~0.3% of a decode step of the 0.5B model).
+        return bool(np.isfinite(x.sum())) or bool(np.isfinite(x).all())
 
     def kv_alloc(self, kind: str, n_layer: int, n_seq: int, n_kv: int, n_ctx: int, head_dim: int, *,
                  k_bias: np.ndarray, rope: tuple[np.ndarray, np.ndarray]) -> CPUKV:
