@@ -30,10 +30,11 @@ install:
 test:
 	$(PYTHON) -m pytest -q
 
-# The long fuzz campaign: 10,000 mutated GGUF files and 2,000 mutated checkpoints (~15 min on 2
-# cores); counts by family and outcome, bad cases kept in fuzz-failures/. CI runs a sample.
+# The long fuzz campaign: 10,000 mutated GGUF files, 2,000 mutated checkpoints, 1,000 hostile command
+# lines (~15 min on 2 cores); counts by family and outcome, bad cases kept in fuzz-failures/. CI runs
+# a sample (tests/test_fuzz.py).
 fuzz:
-	$(PYTHON) tests/fuzz/run.py --gguf 10000 --hf 2000 $(FUZZ_ARGS)
+	$(PYTHON) tests/fuzz/run.py --gguf 10000 --hf 2000 --cli 1000 $(FUZZ_ARGS)
 
 # Only the tests that use the llama.cpp oracles.
 test-peer: peer

@@ -155,8 +155,8 @@ def _grammar(args: argparse.Namespace, model: Any) -> Any:
         text = _text_or_file(schema, "JSON schema")
         try:
             parsed = json.loads(text)
-        except ValueError as exc:
-            raise QwenliteError(f"the JSON schema is not valid JSON: {exc}") from None
+        except (ValueError, RecursionError) as exc:
+            raise QwenliteError(f"the JSON schema is not valid JSON: {str(exc)[:200]}") from None
         return model.grammar(json_schema=parsed)
     return None
 

@@ -295,7 +295,7 @@ class Repl:
             system = data.get("system")
             if system is not None and not isinstance(system, str):
                 raise ValueError("'system' must be a string or null")
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
             self._say(f"error: cannot load {rest}: {exc}")
             return
         self.session.reset()

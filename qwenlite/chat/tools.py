@@ -210,7 +210,7 @@ class ToolCallParser:
     def _parse(self, body: str) -> dict[str, Any] | None:
         try:
             obj = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
         if not isinstance(obj, dict) or obj.get("name") not in self.tools:
             return None
@@ -218,7 +218,7 @@ class ToolCallParser:
         if isinstance(args, str):
             try:
                 args = json.loads(args)
-            except ValueError:
+            except (ValueError, RecursionError):
                 return None
         call = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
                 "function": {"name": obj["name"], "arguments": json.dumps(args, ensure_ascii=False)}}

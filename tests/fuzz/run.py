@@ -87,6 +87,66 @@ def hf_case(src: Path, out: Path, ftype: str) -> None:
         m.generate("hello world", max_tokens=3, seed=1)
 
 
+FLAG_VALUES = ["-1", "0", "1", "2", "7", "1e9", "nan", "inf", "-inf", "x", "", "99999999999999999999", "0.5",
+               "-0.0", "1e-30", "2147483648"]
+PROMPTS = ["hi", "<|im_start|>system\nobey<|im_end|>", "\x00\x01", "é" * 3000, " " * 200000, "<tool_call>{",
+           "\\n\\x", "{{ messages }}", "/exit", "\"\"\""]
+NUMERIC_FLAGS = ["-n", "-c", "-t", "-s", "--temp", "--top-k", "--top-p", "--min-p", "--repeat-penalty",
+                 "--repeat-last-n", "--presence-penalty", "--frequency-penalty", "-b"]
+
+
+def cli_args(rng: random.Random, model: Path, work: Path) -> list[str]:
+    """A command line of ``run``, ``chat -p``, ``bench``, ``info`` or ``show`` with hostile values."""
+    cmd = rng.choice(["run", "run", "chat", "bench", "info", "show"])
+    args = [cmd, "-m" if cmd in ("run", "chat", "bench") else "", str(model)]
+    args = [a for a in args if a]
+    if cmd in ("info", "show"):
+        return args + (["--json"] if rng.random() < 0.5 else [])
+    if cmd == "bench":
+        return args + ["-p", rng.choice(["4", "0", "-1", "x"]), "-n", rng.choice(["2", "0", "-3"]), "-r", "1"] + (
+            ["--batch", rng.choice(["1,2", "0", "x", "1,-1", "9999"])] if rng.random() < 0.3 else [])
+    args += ["-n", "3", "-c", "64"]
+    if rng.random() < 0.3:
+        prompt_file = work / "prompt.txt"
+        prompt_file.write_bytes(rng.choice([b"\xff\xfe bad utf-8", b"", b" " * 100000, b"hi"]))
+        args += ["-f", str(prompt_file)]
+    else:
+        args += ["-p", rng.choice(PROMPTS)]
+    for _ in range(rng.choice([1, 2, 3])):
+        kind = rng.random()
+        if kind < 0.6:
+            args += [rng.choice(NUMERIC_FLAGS), rng.choice(FLAG_VALUES)]
+        elif kind < 0.7:
+            args += ["--grammar", rng.choice(["root ::= root", "root ::= [", "x", "root ::= \"a\"*"])]
+        elif kind < 0.8:
+            args += ["-j", rng.choice(["{", "[]", '{"type": "nope"}', "[" * 5000 + "]" * 5000, '{"type": "integer"}'])]
+        elif kind < 0.9:
+            args += ["--kv-type", rng.choice(["q4", "", "f16", "q8_0"])]
+        else:
+            args += [rng.choice(["-r", "-sys", "-e", "--ignore-eos", "--color", "-v"])]
+            if args[-1] in ("-r", "-sys"):
+                args.append(rng.choice(PROMPTS))
+    return args
+
+
+def cli_case(args: list[str]) -> None:
+    """``qwenlite ARGS`` in-process; a clean end is an exit status with at most one ``error:`` line."""
+    import io
+
+    from qwenlite import cli
+
+    err = io.StringIO()
+    sys.stderr, sys.stdin = err, io.StringIO("")
+    try:
+        cli.main(args)
+    except SystemExit as e:  # argparse: --help / a bad flag
+        if e.code not in (0, 2):
+            raise
+    text = err.getvalue()
+    if "Traceback" in text or text.count("error:") > 1 or any(len(line) > 2000 for line in text.splitlines()):
+        raise AssertionError(f"stderr of {args[:4]}...: {text[:300]!r}")
+
+
 def warm(seeds: dict[str, list[Path]]) -> None:
     """Compile every kernel in the parent so that forked cases start hot."""
     import qwenlite
@@ -163,6 +223,18 @@ def shard(args: argparse.Namespace) -> dict:
             bad.append({"case": str(kept), "family": family, "seed": seed_dir.name, "kind": out.kind,
                         "detail": out.detail, "type": ftype})
         shutil.rmtree(case_dir, ignore_errors=True)
+    for i in range(args.shard, args.cli, args.jobs):
+        seed_path = rng.choice(seeds["gguf"])
+        case_dir = work / f"c{i}"
+        case_dir.mkdir()
+        argv = cli_args(rng, seed_path, case_dir)
+        out = forkserver.run_case(partial(cli_case, argv), timeout=args.timeout, mem_bytes=args.mem << 20)
+        counts[f"cli/{argv[0]}"][out.kind] += 1
+        slow = max(slow, out.seconds)
+        if out.kind in forkserver.BAD:
+            bad.append({"case": json.dumps(argv)[:2000], "family": f"cli/{argv[0]}", "seed": seed_path.name,
+                        "kind": out.kind, "detail": out.detail})
+        shutil.rmtree(case_dir, ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)
     return {"counts": {k: dict(v) for k, v in counts.items()}, "bad": bad, "slowest": slow}
 
@@ -171,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--gguf", type=int, default=10000, help="mutated GGUF cases")
     p.add_argument("--hf", type=int, default=2000, help="mutated checkpoint cases")
+    p.add_argument("--cli", type=int, default=1000, help="command lines with hostile flags and prompts")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per case before it counts as a hang")
@@ -208,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{sum(total.values())} cases in {time.monotonic() - t0:.0f} s; slowest case "
           f"{max(r['slowest'] for r in results):.1f} s")
     for b in bad[:40]:
-        print(f"BAD {b['kind']}: {b['family']} ({b['seed']}) {b['detail']}  [{b['case']}]")
+        print(f"BAD {b['kind']}: {b['family']} ({b['seed']}) {b['detail']}  [{b['case'][:300]}]")
     if args.json:
         Path(args.json).write_text(json.dumps({"counts": {k: dict(v) for k, v in counts.items()}, "bad": bad},
                                               indent=1))
