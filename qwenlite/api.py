@@ -31,7 +31,8 @@ from qwenlite.chat.generate import Generation
 from qwenlite.chat.sampler import Sampler, SamplerConfig
 from qwenlite.chat.session import common_prefix
 from qwenlite.chat.template import ChatTemplate
-from qwenlite.errors import GGUFError, QwenliteError, QwenliteWarning
+from qwenlite.errors import GGUFError, QwenliteError, QwenliteWarning, shown
+from qwenlite.gguf import names as gn
 from qwenlite.gguf.reader import GGUFFile
 from qwenlite.model.config import ModelConfig
 from qwenlite.model.qwen2 import Qwen2
@@ -416,6 +417,49 @@ class Model:
             eng.clear()
         return out
 
+    def embed(self, texts: str | Sequence[str] | Sequence[Sequence[int]], pooling: str | None = None,
+              normalize: bool = True) -> np.ndarray | list[np.ndarray]:
+        """Embeddings of ``texts`` (strings or token-id lists) from the final normed hidden states:
+        ``float32 [len(texts), n_embd]`` pooled by "mean", "last" or "cls" (the first token), L2-
+        normalized when ``normalize``; pooling "none" gives a list of ``[n_tokens, n_embd]`` arrays.
+        The default pooling is the file's ``<arch>.pooling_type`` (llama.cpp's key), else "mean".
+        Texts are evaluated ``n_seq`` at a time in shared forward passes, each in a fresh context, so a
+        text's embedding is the same bit for bit alone or in a batch."""
+        pooling = self.default_pooling if pooling is None else pooling
+        if pooling not in POOLINGS:
+            raise QwenliteError(f"pooling must be one of {', '.join(POOLINGS)}, got {shown(pooling)}")
+        if isinstance(texts, str):
+            texts = [texts]
+        if isinstance(texts, bytes) or not isinstance(texts, Sequence) or not texts:
+            raise QwenliteError("embed() takes a text, or a non-empty list of texts or token-id lists")
+        lists = [self._ids(t, False, f"text {i}") for i, t in enumerate(texts)]
+        states: list[np.ndarray] = []
+        with self._exclusive():
+            eng = self.runtime
+            try:
+                for w in range(0, len(lists), self.n_seq):
+                    wave = lists[w : w + self.n_seq]
+                    eng.clear()
+                    ids = [t for ids in wave for t in ids]
+                    seq = [s for s, ids in enumerate(wave) for _ in ids]
+                    rows = eng.decode(ids, seq, logits=np.ones(len(ids), bool), hidden=True)
+                    states.extend(np.split(rows, np.cumsum([len(ids) for ids in wave])[:-1]))
+            finally:
+                eng.clear()
+        if pooling == "none":
+            return [_unit(h) if normalize else h for h in states]
+        pooled = np.stack([h.mean(axis=0, dtype=np.float64).astype(np.float32) if pooling == "mean"
+                           else h[-1] if pooling == "last" else h[0] for h in states])
+        return _unit(pooled) if normalize else pooled
+
+    @property
+    def default_pooling(self) -> str:
+        """The file's ``<arch>.pooling_type`` (llama.cpp's enum: 0 none, 1 mean, 2 cls, 3 last), else "mean"."""
+        code = self.file.meta_int(gn.arch_key(gn.POOLING_TYPE, self.config.arch), 1, lo=0, hi=4)
+        if code == 4:
+            raise QwenliteError(f"{self.path}: pooling type 4 (rank) needs a reranking head, which this model lacks")
+        return ("none", "mean", "cls", "last")[code]
+
     def generate_batch(
         self,
         prompts: Sequence[str | Sequence[int]],
@@ -496,6 +540,15 @@ class Model:
 # Above the trained context RoPE extrapolates (badly, without a scaling method); far above it the request
 # is a mistake, refused before any address space is reserved for the cache.
 MAX_CTX_FACTOR = 8
+
+
+POOLINGS = ("mean", "last", "cls", "none")
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    """Rows of ``x`` scaled to unit L2 norm (a zero row stays zero)."""
+    norm = np.linalg.norm(x, axis=-1, keepdims=True)
+    return (x / np.where(norm > 0, norm, 1)).astype(np.float32)
 
 
 def _stop_strings(stop: str | Sequence[str] | None) -> tuple[str, ...]:

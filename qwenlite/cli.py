@@ -23,6 +23,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+import numpy as np
+
 from qwenlite import __version__, hub
 from qwenlite.chat.sampler import Sampler, SamplerConfig
 from qwenlite.errors import GGUFError, QwenliteError, QwenliteWarning
@@ -333,6 +335,26 @@ def cmd_rm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_embed(args: argparse.Namespace) -> int:
+    """Embeddings of ``-p TEXT`` or of each non-empty line of ``-f FILE``: one line of floats per text,
+    or with ``--json`` OpenAI's ``{"object": "list", "data": [{"embedding": ...}]}``."""
+    if args.file is not None:
+        texts = [line for line in _read_prompt(args).splitlines() if line.strip()]
+    else:
+        texts = [_read_prompt(args)]
+    if not texts:
+        raise QwenliteError(f"{args.file}: no text to embed")
+    model = _load(args)
+    vectors = model.embed(texts, pooling=args.pooling, normalize=not args.no_normalize)
+    if args.json:
+        data = [{"object": "embedding", "index": i, "embedding": v.tolist()} for i, v in enumerate(vectors)]
+        print(json.dumps({"object": "list", "data": data, "model": model.path.stem}))
+    else:
+        for v in vectors:
+            print(" ".join(f"{x:.6g}" for x in np.asarray(v).ravel()))
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from qwenlite.gguf.reader import GGUFFile
     from qwenlite.model.config import ModelConfig
@@ -561,6 +583,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--file", default=None, help="read the prompt from a UTF-8 file; - = stdin")
     _add_sampling(p, DEFAULT_MAX_TOKENS)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("embed", help="embeddings of a text (-p) or of each line of a file (-f)",
+                       formatter_class=_Help)
+    _add_model(p)
+    p.add_argument("-p", "--prompt", default=None, help="the text")
+    p.add_argument("-f", "--file", default=None, help="a UTF-8 file, one text a line; - = stdin")
+    p.add_argument("--pooling", default=None, choices=["mean", "last", "cls", "none"],
+                   help="how token states become one vector (default: the file's pooling_type, else mean)")
+    p.add_argument("--no-normalize", action="store_true", help="do not scale to unit length")
+    p.add_argument("--json", action="store_true", help="OpenAI's embeddings list as JSON")
+    p.set_defaults(func=cmd_embed, escape=False)
 
     p = sub.add_parser("chat", help="interactive streaming chat, or one reply with -p", formatter_class=_Help)
     _add_model(p)

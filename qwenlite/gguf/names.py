@@ -53,6 +53,7 @@ EXPERT_SHARED_FEED_FORWARD_LENGTH = "{arch}.expert_shared_feed_forward_length"
 # The two keys qwenlite adds for qwen2moe (see qwenlite.converters.hf_to_gguf): renormalized top-k
 # routing weights, and the layers with a plain SwiGLU MLP instead of experts.
 EXPERT_WEIGHTS_NORM = "{arch}.expert_weights_norm"
+POOLING_TYPE = "{arch}.pooling_type"  # llama.cpp: 0 none, 1 mean, 2 cls, 3 last, 4 rank
 DENSE_LAYERS = "{arch}.dense_layers"
 
 

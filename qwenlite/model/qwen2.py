@@ -108,9 +108,10 @@ class Qwen2:
         return np.stack([b.wk.bias if b.wk.bias is not None else np.zeros(n, np.float32) for b in self.blocks])
 
     def forward(self, ids: np.ndarray, pos: np.ndarray, seq: np.ndarray, rows: np.ndarray,
-                cache: object) -> np.ndarray:
+                cache: object, hidden: bool = False) -> np.ndarray:
         """Logits ``[len(rows), n_vocab]`` of the tokens ``rows`` of the batch (ids, pos, seq: ``[T]``),
-        after storing every token's keys and values in ``cache``."""
+        after storing every token's keys and values in ``cache``; with ``hidden``, their final normed
+        hidden states ``[len(rows), n_embd]`` instead (what embeddings pool; no LM head is run)."""
         cfg, be = self.cfg, self.backend
         x = be.embed(self.embed, ids)
         self._check(x, "the embedding rows of this batch (token_embd.weight)")
@@ -125,7 +126,10 @@ class Qwen2:
             self._check(x, f"the output of layer {i} (blk.{i}.*)")
         if rows.shape[0] != x.shape[0]:
             x = np.ascontiguousarray(x[rows])
-        logits = be.linear(self.output, be.rms_norm(x, self.out_norm, cfg.norm_eps))
+        normed = be.rms_norm(x, self.out_norm, cfg.norm_eps)
+        if hidden:
+            return normed
+        logits = be.linear(self.output, normed)
         self._check(logits, "the logits (output_norm / output.weight)")
         return logits
 

@@ -99,9 +99,11 @@ class Engine:
         return ids, seqs, pos
 
     def decode(self, tokens: Sequence[int], seq: Sequence[int] | int = 0,
-               logits: Sequence[bool] | np.ndarray | None = None, pos: Sequence[int] | None = None) -> np.ndarray:
+               logits: Sequence[bool] | np.ndarray | None = None, pos: Sequence[int] | None = None,
+               hidden: bool = False) -> np.ndarray:
         """Append ``tokens[t]`` to sequence ``seq[t]``; logits ``float32 [n, n_vocab]`` of the rows where
-        ``logits`` is true (default: the last token of each sequence in the batch), in batch order.
+        ``logits`` is true (default: the last token of each sequence in the batch), in batch order
+        (with ``hidden``: their final normed hidden states ``[n, n_embd]``).
 
         ``pos``, when given, must be the positions the tokens take (each sequence's next ones); the
         check makes a caller's bookkeeping error one clear message instead of a corrupt cache. Checks
@@ -129,14 +131,14 @@ class Engine:
                 raise CancelledError("evaluation cancelled")
             sl = slice(lo, lo + self.n_batch)
             rows = np.flatnonzero(want[sl])
-            out = self.model.forward(ids[sl], positions[sl], seqs[sl], rows, self.cache)
+            out = self.model.forward(ids[sl], positions[sl], seqs[sl], rows, self.cache, hidden)
             self.cache.commit(seqs[sl], positions[sl])
             for t, s in zip(ids[sl].tolist(), seqs[sl].tolist()):
                 self._tokens[s].append(t)
             if rows.size:
                 outs.append(out)
         if not outs:
-            return np.empty((0, self.n_vocab), np.float32)
+            return np.empty((0, self.model.cfg.n_embd if hidden else self.n_vocab), np.float32)
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
     def sequence(self, seq: int = 0) -> SequenceView:
