@@ -170,7 +170,18 @@ def shard(args: argparse.Namespace) -> dict:
     keep = Path(args.keep)
     counts: dict[str, Counter] = defaultdict(Counter)
     bad: list[dict] = []
-    slow = 0.0
+    slowest = [0.0]
+
+    def settle(out: forkserver.Outcome, folder: Path | None, expected: tuple[str, ...],
+               key: str) -> forkserver.Outcome:
+        """Count an outcome (a clean one that left files in ``folder`` beyond ``expected`` is "leftover")."""
+        left = sorted(p.name for p in folder.iterdir() if p.name not in expected) if folder else []
+        if out.kind in ("ok", "error") and left:
+            out = forkserver.Outcome("leftover", f"{left}", out.seconds)
+        counts[key][out.kind] += 1
+        slowest[0] = max(slowest[0], out.seconds)
+        return out
+
     families = list(gguf_mut.FAMILIES)
     for i in range(args.shard, args.gguf, args.jobs):
         seed_path, raw = rng.choice(raws)
@@ -180,12 +191,9 @@ def shard(args: argparse.Namespace) -> dict:
         path = case_dir / "model.gguf"
         path.write_bytes(gguf_mut.mutate(raw, family, rng))
         requant = case_dir / "out.gguf" if seed_path.name.endswith(("f32.gguf", "f16.gguf")) and i % 5 == 0 else None
-        out = forkserver.run_case(partial(gguf_case, path, requant), timeout=args.timeout, mem_bytes=args.mem << 20)
-        left = sorted(p.name for p in case_dir.iterdir() if p.name not in ("model.gguf", "out.gguf"))
-        if out.kind in ("ok", "error") and left:
-            out = forkserver.Outcome("leftover", f"{left}", out.seconds)
-        counts[f"gguf/{family}"][out.kind] += 1
-        slow = max(slow, out.seconds)
+        out = settle(forkserver.run_case(partial(gguf_case, path, requant), timeout=args.timeout,
+                                         mem_bytes=args.mem << 20), case_dir, ("model.gguf", "out.gguf"),
+                     f"gguf/{family}")
         if out.kind in forkserver.BAD:
             keep.mkdir(parents=True, exist_ok=True)
             kept = keep / f"gguf-{family}-{args.seed}-{i}.gguf"
@@ -207,13 +215,9 @@ def shard(args: argparse.Namespace) -> dict:
         (case_dir / "out").mkdir()
         target = case_dir / "out" / "model.gguf"
         ftype = rng.choice(["f32", "f16", "q8_0", "q4_k_m", "q5_0", "bf16"])
-        out = forkserver.run_case(partial(hf_case, case_dir / "model", target, ftype), timeout=args.timeout,
-                                  mem_bytes=args.mem << 20)
-        left = sorted(p.name for p in (case_dir / "out").iterdir() if p.name != "model.gguf")
-        if out.kind in ("ok", "error") and left:
-            out = forkserver.Outcome("leftover", f"{left}", out.seconds)
-        counts[f"hf/{family}"][out.kind] += 1
-        slow = max(slow, out.seconds)
+        out = settle(forkserver.run_case(partial(hf_case, case_dir / "model", target, ftype), timeout=args.timeout,
+                                         mem_bytes=args.mem << 20), case_dir / "out", ("model.gguf",),
+                     f"hf/{family}")
         if out.kind in forkserver.BAD:
             keep.mkdir(parents=True, exist_ok=True)
             kept = keep / f"hf-{family}-{args.seed}-{i}"
@@ -228,15 +232,14 @@ def shard(args: argparse.Namespace) -> dict:
         case_dir = work / f"c{i}"
         case_dir.mkdir()
         argv = cli_args(rng, seed_path, case_dir)
-        out = forkserver.run_case(partial(cli_case, argv), timeout=args.timeout, mem_bytes=args.mem << 20)
-        counts[f"cli/{argv[0]}"][out.kind] += 1
-        slow = max(slow, out.seconds)
+        out = settle(forkserver.run_case(partial(cli_case, argv), timeout=args.timeout, mem_bytes=args.mem << 20),
+                     None, (), f"cli/{argv[0]}")
         if out.kind in forkserver.BAD:
             bad.append({"case": json.dumps(argv)[:2000], "family": f"cli/{argv[0]}", "seed": seed_path.name,
                         "kind": out.kind, "detail": out.detail})
         shutil.rmtree(case_dir, ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)
-    return {"counts": {k: dict(v) for k, v in counts.items()}, "bad": bad, "slowest": slow}
+    return {"counts": {k: dict(v) for k, v in counts.items()}, "bad": bad, "slowest": slowest[0]}
 
 
 def main(argv: list[str] | None = None) -> int:
