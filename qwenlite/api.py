@@ -36,6 +36,7 @@ from qwenlite.gguf import names as gn
 from qwenlite.gguf.reader import GGUFFile
 from qwenlite.model.config import ModelConfig
 from qwenlite.model.qwen2 import Qwen2
+from qwenlite.runtime.embed import POOLING_TYPES, POOLINGS, embed_lists
 from qwenlite.runtime.engine import DEFAULT_N_BATCH, Engine
 from qwenlite.runtime.kvcache import kv_type
 from qwenlite.runtime.loader import Loader, LoadPolicy
@@ -433,32 +434,17 @@ class Model:
         if isinstance(texts, bytes) or not isinstance(texts, Sequence) or not texts:
             raise QwenliteError("embed() takes a text, or a non-empty list of texts or token-id lists")
         lists = [self._ids(t, False, f"text {i}") for i, t in enumerate(texts)]
-        states: list[np.ndarray] = []
         with self._exclusive():
-            eng = self.runtime
-            try:
-                for w in range(0, len(lists), self.n_seq):
-                    wave = lists[w : w + self.n_seq]
-                    eng.clear()
-                    ids = [t for ids in wave for t in ids]
-                    seq = [s for s, ids in enumerate(wave) for _ in ids]
-                    rows = eng.decode(ids, seq, logits=np.ones(len(ids), bool), hidden=True)
-                    states.extend(np.split(rows, np.cumsum([len(ids) for ids in wave])[:-1]))
-            finally:
-                eng.clear()
-        if pooling == "none":
-            return [_unit(h) if normalize else h for h in states]
-        pooled = np.stack([h.mean(axis=0, dtype=np.float64).astype(np.float32) if pooling == "mean"
-                           else h[-1] if pooling == "last" else h[0] for h in states])
-        return _unit(pooled) if normalize else pooled
+            return embed_lists(self.runtime, lists, pooling, normalize)
 
     @property
     def default_pooling(self) -> str:
         """The file's ``<arch>.pooling_type`` (llama.cpp's enum: 0 none, 1 mean, 2 cls, 3 last), else "mean"."""
         code = self.file.meta_int(gn.arch_key(gn.POOLING_TYPE, self.config.arch), 1, lo=0, hi=4)
-        if code == 4:
-            raise QwenliteError(f"{self.path}: pooling type 4 (rank) needs a reranking head, which this model lacks")
-        return ("none", "mean", "cls", "last")[code]
+        if code not in POOLING_TYPES:
+            raise QwenliteError(f"{self.path}: pooling type {code} (rank) needs a reranking head, which this model "
+                                "lacks")
+        return POOLING_TYPES[code]
 
     def generate_batch(
         self,
@@ -540,15 +526,6 @@ class Model:
 # Above the trained context RoPE extrapolates (badly, without a scaling method); far above it the request
 # is a mistake, refused before any address space is reserved for the cache.
 MAX_CTX_FACTOR = 8
-
-
-POOLINGS = ("mean", "last", "cls", "none")
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    """Rows of ``x`` scaled to unit L2 norm (a zero row stays zero)."""
-    norm = np.linalg.norm(x, axis=-1, keepdims=True)
-    return (x / np.where(norm > 0, norm, 1)).astype(np.float32)
 
 
 def _stop_strings(stop: str | Sequence[str] | None) -> tuple[str, ...]:

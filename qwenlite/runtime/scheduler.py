@@ -28,6 +28,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
@@ -167,6 +168,7 @@ class Scheduler:
         self._hold = hold
         self._thread: threading.Thread | None = None
         self._closing = False
+        self._jobs: deque[tuple[Callable[[], object], Future[object]]] = deque()
 
     # ---- the caller's side (any thread) -----------------------------------------------------------
 
@@ -201,6 +203,28 @@ class Scheduler:
             self._cv.notify()
         return req
 
+    def call(self, fn: Callable[[], object]) -> Future[object]:
+        """Run ``fn()`` in the scheduler's thread before its next step (work that needs the weights but
+        not the slots, such as embeddings over an engine of its own); its result or exception arrives
+        in the returned future."""
+        future: Future[object] = Future()
+        with self._cv:
+            if self._closing:
+                raise QwenliteError("the scheduler is shutting down")
+            self._jobs.append((fn, future))
+            self._cv.notify()
+        return future
+
+    def _run_jobs(self) -> None:
+        while self._jobs:
+            fn, future = self._jobs.popleft()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn())
+            except Exception as exc:  # delivered to the caller, who answers its request
+                future.set_exception(exc)
+
     def start(self) -> None:
         """Run the loop in a daemon thread until ``close()``."""
         if self._thread is None:
@@ -213,6 +237,9 @@ class Scheduler:
             self._closing = True
             for req in [*self.queue, *(s.req for s in self.slots if s.req)]:
                 req.cancel()
+            for _, future in self._jobs:
+                future.cancel()
+            self._jobs.clear()
             self._cv.notify()
         if self._thread is not None:
             self._thread.join()
@@ -222,12 +249,13 @@ class Scheduler:
         with self._hold():
             while True:
                 with self._cv:
-                    while not self._closing and not self.queue and not self.n_busy:
+                    while not self._closing and not self.queue and not self.n_busy and not self._jobs:
                         self._cv.wait()
                     if self._closing and not self.queue and not self.n_busy:
                         return
-                    if not self.n_busy:
+                    if not self.n_busy and self.queue:
                         self._gather()
+                self._run_jobs()
                 try:
                     self.step()
                 except Exception:  # a bug must not kill the loop: the step's requests got an error result

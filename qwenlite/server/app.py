@@ -14,6 +14,7 @@ into a 500 in OpenAI's error shape, so no request can take the server down.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import json
 import logging
@@ -35,6 +36,8 @@ from starlette.routing import Route
 
 from qwenlite.chat import openai as proto
 from qwenlite.errors import QwenliteError
+from qwenlite.runtime.embed import embed_lists
+from qwenlite.runtime.engine import Engine
 from qwenlite.runtime.scheduler import QueueFullError, Result, Update
 from qwenlite.runtime.scheduler import Request as Job
 
@@ -44,6 +47,7 @@ Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
 
 OPEN_PATHS = frozenset({"/health", "/"})
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit on the inputs of one embeddings request
 
 
 class _Guard:
@@ -100,6 +104,7 @@ class Server:
         self.created = int(time.time())
         self.statuses: Counter[int] = Counter()
         self.page = resources.files("qwenlite.server").joinpath("page.html").read_text(encoding="utf-8")
+        self._embedder: Engine | None = None
 
     # ---- request plumbing ------------------------------------------------------------------------
 
@@ -253,6 +258,51 @@ class Server:
         pieces = proto.boolean(body, "with_pieces", False)
         return JSONResponse({"tokens": proto.token_pieces(tok, ids) if pieces else ids})
 
+    async def embeddings(self, request: Request) -> Response:
+        """OpenAI's ``POST /v1/embeddings``: ``input`` a string, a list of strings, a token list or a list
+        of token lists; ``encoding_format`` "float" or "base64" (little-endian float32). Vectors are the
+        file's pooling (mean by default), unit length, computed in the scheduler's thread over an
+        engine of their own between decode steps."""
+        body = await self._json(request)
+        lists = await run_in_threadpool(self._embedding_inputs, body.get("input"))
+        fmt = body.get("encoding_format", "float")
+        if fmt not in ("float", "base64"):
+            raise proto.RequestError(400, "encoding_format: must be 'float' or 'base64'", param="encoding_format")
+        if body.get("dimensions") not in (None, self.model.config.n_embd):
+            raise proto.RequestError(400, f"dimensions: this model's embeddings have {self.model.config.n_embd}",
+                                     param="dimensions")
+        future = self.scheduler.call(lambda: self._embed(lists))
+        try:
+            vectors = await asyncio.wrap_future(future)
+        except QwenliteError as exc:
+            raise proto.RequestError(400, str(exc), param="input") from None
+        data = [{"object": "embedding", "index": i,
+                 "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode() if fmt == "base64" else v.tolist()}
+                for i, v in enumerate(vectors)]
+        n = sum(len(ids) for ids in lists)
+        return JSONResponse({"object": "list", "data": data, "model": self.name,
+                             "usage": {"prompt_tokens": n, "total_tokens": n}})
+
+    def _embedding_inputs(self, value: Any) -> list[list[int]]:
+        if isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(t, int) for t in value)):
+            value = [value]
+        if not isinstance(value, list) or not value or len(value) > MAX_EMBEDDING_INPUTS:
+            raise proto.RequestError(400, f"input: must be a string, a token list, or a list of 1 to "
+                                          f"{MAX_EMBEDDING_INPUTS} of them", param="input")
+        try:
+            lists = [self.model._ids(v, False, f"input[{i}]") for i, v in enumerate(value)]
+        except QwenliteError as exc:
+            raise proto.RequestError(400, str(exc), param="input") from None
+        return lists
+
+    def _embed(self, lists: list[list[int]]) -> Any:
+        """In the scheduler's thread: an engine of this server's own for embeddings (its KV cache is
+        address space until used), so the slots of running requests are never touched."""
+        if self._embedder is None:
+            self._embedder = Engine(self.model.network, self.model.n_ctx, n_seq=min(4, self.model.n_seq),
+                                    kv_type=self.model.kv_type, n_batch=self.model.runtime.n_batch)
+        return embed_lists(self._embedder, lists, self.model.default_pooling, True)
+
     async def detokenize(self, request: Request) -> Response:
         body = await self._json(request)
         ids = body.get("tokens", [])
@@ -302,6 +352,8 @@ def build(model: Any, *, api_key: str | None = None, queue: int = 64, cors_origi
         Route("/models", srv.models, methods=["GET"]),
         Route("/health", srv.health, methods=["GET"]),
         Route("/metrics", srv.metrics, methods=["GET"]),
+        Route("/v1/embeddings", srv.embeddings, methods=["POST"]),
+        Route("/embeddings", srv.embeddings, methods=["POST"]),
         Route("/tokenize", srv.tokenize, methods=["POST"]),
         Route("/detokenize", srv.detokenize, methods=["POST"]),
         Route("/", srv.page_route, methods=["GET"]),
