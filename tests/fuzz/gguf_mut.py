@@ -394,6 +394,21 @@ def m_tensor_data(g: RawGGUF, rng: random.Random) -> None:
     g.data = bytes(data)
 
 
+def m_tensor_bytes(g: RawGGUF, rng: random.Random) -> None:
+    """Random bytes over part of a tensor's data: finite garbage weights (huge scales, any quants) that
+    load and run, so the forward pass meets overflow and garbage instead of a refused header."""
+    t = _tensor(g, rng)
+    data = bytearray(g.data)
+    start = t[3]
+    size = min(len(data) - start, max(1, int(np.prod(t[1])) // 2))
+    if size <= 0:
+        return
+    a = start + rng.randrange(size)
+    n = min(rng.choice([2, 16, 256, 4096]), len(data) - a)
+    data[a : a + n] = bytes(rng.randrange(256) for _ in range(n))
+    g.data = bytes(data)
+
+
 def m_bytes(g: RawGGUF, rng: random.Random) -> None:
     size = len(g.encode()) - len(g.data)
     flips = [(rng.randrange(size), rng.randrange(256)) for _ in range(rng.choice([1, 2, 4, 16]))]
@@ -424,6 +439,7 @@ FAMILIES = {
     "tensor-offset": m_tensor_offset,
     "tensor-name": m_tensor_name,
     "tensor-data": m_tensor_data,
+    "tensor-bytes": m_tensor_bytes,
     "bytes": m_bytes,
     "truncate": m_truncate,
     "insert": m_insert,
