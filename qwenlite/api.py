@@ -128,7 +128,7 @@ class Model:
         self.config = ModelConfig.from_gguf(self.file)
         self.tokenizer = Tokenizer.from_metadata(self.metadata)
         if self.tokenizer.n_vocab != self.config.n_vocab:
-            # llama.cpp refuses this too; tolerated, sampling could pick an id with no token text.
+            # llama.cpp refuses this too: tolerated, sampling could pick an id that has no token text.
             raise GGUFError(f"{self.path}: the token list has {self.tokenizer.n_vocab} tokens but the embedding "
                             f"table has {self.config.n_vocab} rows; the file is inconsistent")
         n_ctx = self.n_ctx = check_n_ctx(n_ctx, self.config.n_ctx_train)

@@ -17,7 +17,7 @@ from qwenlite import quant
 from qwenlite.errors import QwenliteError
 from qwenlite.kernels import kv as kvk
 from qwenlite.kernels.matmul import matmul, matmul_experts, matmul_x8_trusted
-from qwenlite.kernels.ops import rms_norm, rope_neox, swiglu
+from qwenlite.kernels.ops import all_finite, rms_norm, rope_neox, swiglu
 from qwenlite.model.weights import Linear
 
 # Below this many multiply-adds of attention a thread pool wake-up costs more than it saves.
@@ -98,10 +98,8 @@ class CPUBackend:
         return top, weights.astype(np.float32)
 
     def all_finite(self, x: np.ndarray) -> bool:
-        # A float32 sum (NaN / inf propagate into it), the exact test only when it is not finite,
-        # which an overflowing sum of finite values also gives: 2 us on a decode row of 896, 0.1 ms on
-        # 512 x 896 (after every layer: ~0.3% of a decode step of the 0.5B model).
-        return bool(np.isfinite(x.sum())) or bool(np.isfinite(x).all())
+        # After every layer: ~0.3% of a decode step of the 0.5B model (BENCHMARKS.md).
+        return all_finite(x)
 
     def kv_alloc(self, kind: str, n_layer: int, n_seq: int, n_kv: int, n_ctx: int, head_dim: int, *,
                  k_bias: np.ndarray, rope: tuple[np.ndarray, np.ndarray]) -> CPUKV:

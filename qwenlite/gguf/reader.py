@@ -309,15 +309,6 @@ class GGUFFile:
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)
 
-    def require(self, key: str, kind: type | tuple[type, ...] = object) -> Any:
-        """A metadata value that must be present (and of ``kind``), else a clear error."""
-        if key not in self.metadata:
-            raise GGUFError(f"{self.path}: missing metadata key {key!r}")
-        value = self.metadata[key]
-        if kind is not object and not isinstance(value, kind):
-            raise GGUFError(f"{self.path}: metadata {key!r} has type {type(value).__name__}")
-        return value
-
     # Typed accessors: every hyperparameter is read through one of these, which check presence,
     # type, range and finiteness and name the key, so a hostile value is one clear GGUFError rather
     # than a TypeError, an OverflowError or a ZeroDivisionError somewhere later.

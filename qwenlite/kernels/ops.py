@@ -41,6 +41,14 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return out
 
 
+def all_finite(x: np.ndarray) -> bool:
+    """True when no value of ``x`` is NaN or inf. A float32 sum first (NaN / inf propagate into it:
+    2 us on a decode row of 896, 0.1 ms on 512 x 896, 2.6 ms per 64 MiB, where a float64 sum takes
+    18 ms), the exact test only when the sum is not finite, which a sum that merely overflowed also
+    gives."""
+    return bool(np.isfinite(x.sum())) or bool(np.isfinite(x).all())
+
+
 def rope_tables(
     n_ctx: int, head_dim: int, base: float, scaling: str = "none", factor: float = 1.0, orig_ctx: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
