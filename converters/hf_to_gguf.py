@@ -15,6 +15,10 @@ llama.cpp's qwen2moe support falls short there (field notes §4):
   every layer is MoE. ``leading_dense_block_count`` would only express a dense prefix, while
   ``mlp_only_layers`` may name any layers.
 
+Task models (``Qwen2ForSequenceClassification``, ``...ForTokenClassification``,
+``...ForQuestionAnswering`` and their Qwen2-MoE twins) get their head as ``cls.output`` and the keys of
+docs/task-heads.md, and no LM head.
+
 Tensor order is llama.cpp's (``tensor_names.llama_cpp_order``), so the per-layer choices of the
 k-quant mixes equal llama-quantize's on the same checkpoint. Memory: tensors are read from
 memory-mapped safetensors and written in chunks (``qwenlite.converters.pipeline``).
@@ -40,7 +44,7 @@ from qwenlite.errors import QwenliteError
 from qwenlite.gguf import names as gn
 from qwenlite.gguf.constants import GGMLType, GGUFValueType
 from qwenlite.gguf.writer import GGUFWriter, check_output
-from qwenlite.model.config import ModelConfig
+from qwenlite.model.config import TASK_HEADS, ModelConfig
 from qwenlite.tokenizer.vocab import read_vocab
 
 QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION
@@ -93,6 +97,11 @@ def model_metadata(w: GGUFWriter, cfg: ModelConfig, name: str, ftype: FileType) 
         w.add_bool(key(gn.EXPERT_WEIGHTS_NORM), cfg.expert_weights_norm)
         if cfg.dense_layers:
             w.add_array(key(gn.DENSE_LAYERS), list(cfg.dense_layers), GGUFValueType.UINT32)
+    if not cfg.has_lm_head:
+        # llama.cpp's classifier keys (pooling type rank: the head on the last token), and ours
+        w.add_uint32(key(gn.POOLING_TYPE), gn.POOLING_RANK if cfg.task == TASK_HEADS[0] else 0)
+        w.add_array(key(gn.CLASSIFIER_LABELS), list(cfg.labels), GGUFValueType.STRING)
+        w.add_string(key(gn.CLASSIFIER_TASK), cfg.task)
     w.add_uint32(gn.QUANTIZATION_VERSION, QUANTIZATION_VERSION)
 
 

@@ -78,9 +78,10 @@ def tensor_specs(cfg: ModelConfig, has: Callable[[str], bool]) -> list[TensorSpe
     exist (only consulted for the expert layout)."""
     d, hd = cfg.n_embd, cfg.head_dim
     q_out, kv_out = cfg.n_head * hd, cfg.n_head_kv * hd
-    specs = [_linear(gn.weight(gn.TOKEN_EMBD), "model.embed_tokens", cfg.n_vocab, d)]
+    trunk = trunk_prefix(has)
+    specs = [_linear(gn.weight(gn.TOKEN_EMBD), f"{trunk}.embed_tokens", cfg.n_vocab, d)]
     for i in range(cfg.n_layer):
-        hf = f"model.layers.{i}"
+        hf = f"{trunk}.layers.{i}"
         specs.append(_vector(gn.weight(gn.ATTN_NORM, i), f"{hf}.input_layernorm.weight", d))
         qkv = ((gn.ATTN_Q, "q_proj", q_out), (gn.ATTN_K, "k_proj", kv_out), (gn.ATTN_V, "v_proj", kv_out))
         for name, proj, n_out in qkv:
@@ -105,10 +106,26 @@ def tensor_specs(cfg: ModelConfig, has: Callable[[str], bool]) -> list[TensorSpe
         specs.append(_linear(gate, f"{mlp}.shared_expert.gate_proj", sh, d))
         specs.append(_linear(up, f"{mlp}.shared_expert.up_proj", sh, d))
         specs.append(_linear(down, f"{mlp}.shared_expert.down_proj", d, sh))
-    specs.append(_vector(gn.weight(gn.OUTPUT_NORM), "model.norm.weight", d))
-    if not cfg.tied_embeddings:
+    specs.append(_vector(gn.weight(gn.OUTPUT_NORM), f"{trunk}.norm.weight", d))
+    if cfg.has_lm_head and not cfg.tied_embeddings:
         specs.append(_linear(gn.weight(gn.OUTPUT), "lm_head", cfg.n_vocab, d))
+    if not cfg.has_lm_head:
+        hf = HEADS[cfg.task]
+        specs.append(_linear(gn.weight(gn.CLS_OUT), hf, len(cfg.labels), d))
+        if has(f"{hf}.bias"):
+            specs.append(_vector(gn.bias(gn.CLS_OUT), f"{hf}.bias", len(cfg.labels)))
     return specs
+
+
+# The HF module of each task head (transformers' Generic*For* classes): ``score`` (sequence
+# classification has no bias, token classification has one), ``qa_outputs`` (start and end rows).
+HEADS = {"sequence-classification": "score", "token-classification": "score", "question-answering": "qa_outputs"}
+
+
+def trunk_prefix(has: Callable[[str], bool]) -> str:
+    """Where the decoder's tensors are: ``model.`` in every Qwen2 class but Qwen2ForQuestionAnswering,
+    which keeps transformers' old name ``transformer.``."""
+    return "transformer" if has("transformer.embed_tokens.weight") else "model"
 
 
 def llama_cpp_order(specs: list[TensorSpec], hf_order: list[str]) -> list[TensorSpec]:
@@ -137,5 +154,5 @@ def check_sources(specs: list[TensorSpec], shape_of: Callable[[str], tuple[int, 
 def ignored_hf_tensors(specs: list[TensorSpec], names: list[str], cfg: ModelConfig) -> list[str]:
     """Checkpoint tensors no spec uses (a tied ``lm_head.weight`` and rotary caches are expected)."""
     used = {ref.hf_name for spec in specs for ref in spec.sources}
-    harmless = {"lm_head.weight"} if cfg.tied_embeddings else set()
+    harmless = {"lm_head.weight"} if cfg.tied_embeddings and cfg.has_lm_head else set()
     return [n for n in names if n not in used and n not in harmless and not n.endswith("rotary_emb.inv_freq")]

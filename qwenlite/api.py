@@ -34,8 +34,10 @@ from qwenlite.chat.template import ChatTemplate
 from qwenlite.errors import GGUFError, QwenliteError, QwenliteWarning, shown
 from qwenlite.gguf import names as gn
 from qwenlite.gguf.reader import GGUFFile
-from qwenlite.model.config import ModelConfig
-from qwenlite.model.qwen2 import Qwen2
+from qwenlite.model.config import TASK_HEADS, ModelConfig
+from qwenlite.model.qwen2 import Qwen2, no_lm_head
+from qwenlite.model.weights import Linear
+from qwenlite.runtime import heads
 from qwenlite.runtime.embed import POOLING_TYPES, POOLINGS, embed_lists
 from qwenlite.runtime.engine import DEFAULT_N_BATCH, Engine
 from qwenlite.runtime.kvcache import kv_type
@@ -170,6 +172,10 @@ class Model:
             finally:
                 self._owner = None
 
+    def _need_lm_head(self) -> None:
+        if not self.config.has_lm_head:
+            raise QwenliteError(no_lm_head(self.config))
+
     def cancel(self) -> None:
         """Stop the evaluation running in another thread before its next forward pass (a stream then
         ends with finish_reason "cancelled"; other calls raise ``qwenlite.errors.CancelledError``)."""
@@ -208,6 +214,7 @@ class Model:
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """Logits ``float32 [len(ids), n_vocab]`` at every position, in a fresh context."""
+        self._need_lm_head()
         ids = self._ids(ids, False, "the token list")
         with self._exclusive():
             self.engine.reset()
@@ -270,6 +277,7 @@ class Model:
 
     def _stream(self, ids: list[int], max_tokens: int, sampler: Sampler, stop: tuple[str, ...],
                 info: _StreamInfo, constraint: Any = None) -> Iterator[str]:
+        self._need_lm_head()
         with self._exclusive():
             eng = self.engine
             keep = min(common_prefix(eng.tokens, ids), len(ids) - 1)
@@ -381,6 +389,7 @@ class Model:
     def _schedule(self, c: openai.Completion) -> Iterator[Update]:
         """Run one request through a scheduler in this thread, yielding its updates as they come."""
         updates: list[Update] = []
+        self._need_lm_head()
         with self._exclusive():
             sched = Scheduler(self.runtime, self.tokenizer)
             req = sched.submit(c.request(updates.append))
@@ -403,6 +412,7 @@ class Model:
         """Logits ``float32 [len, n_vocab]`` of every position of each id list, each in a fresh
         context, evaluated ``n_seq`` sequences at a time in shared forward passes. Bit-identical to
         ``logits`` of each list alone."""
+        self._need_lm_head()
         lists = [self._ids(s, False, f"sequence {i}") for i, s in enumerate(sequences)]
         out: list[np.ndarray] = []
         with self._exclusive():
@@ -439,12 +449,77 @@ class Model:
 
     @property
     def default_pooling(self) -> str:
-        """The file's ``<arch>.pooling_type`` (llama.cpp's enum: 0 none, 1 mean, 2 cls, 3 last), else "mean"."""
-        code = self.file.meta_int(gn.arch_key(gn.POOLING_TYPE, self.config.arch), 1, lo=0, hi=4)
-        if code not in POOLING_TYPES:
-            raise QwenliteError(f"{self.path}: pooling type {code} (rank) needs a reranking head, which this model "
-                                "lacks")
-        return POOLING_TYPES[code]
+        """The file's ``<arch>.pooling_type`` (llama.cpp's enum: 0 none, 1 mean, 2 cls, 3 last, 4 rank:
+        last), else "mean"."""
+        return POOLING_TYPES[self.file.meta_int(gn.arch_key(gn.POOLING_TYPE, self.config.arch), 1, lo=0, hi=4)]
+
+    # ---- task heads (docs/task-heads.md) -----------------------------------------------------
+
+    @property
+    def task(self) -> str:
+        """"causal-lm", or the head of a task model: "sequence-classification",
+        "token-classification" or "question-answering"."""
+        return self.config.task
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The task head's output names, in score-column order (``id2label``); () for a causal LM."""
+        return self.config.labels
+
+    def _head(self, task: str, call: str) -> Linear:
+        head = self.network.head
+        if self.config.task != task or head is None:
+            what = "a causal LM" if self.config.has_lm_head else f"a {self.config.task} model"
+            raise QwenliteError(f"{call} needs a {task} model; {self.path.name} is {what} ({self.config.hf_arch})")
+        return head
+
+    def _states(self, lists: list[list[int]], pooling: str) -> np.ndarray | list[np.ndarray]:
+        with self._exclusive():
+            return embed_lists(self.runtime, lists, pooling, False)
+
+    def classify(self, texts: str | Sequence[str] | Sequence[Sequence[int]]) -> np.ndarray:
+        """Sequence-classification logits ``float32 [len(texts), len(labels)]`` (column ``j`` is
+        ``labels[j]``; apply a softmax for single-label probabilities): the head on each text's last
+        token, as ``Qwen2ForSequenceClassification`` scores the last non-padding token. Texts share
+        forward passes and each result is the same bit for bit alone or in a batch."""
+        head = self._head(TASK_HEADS[0], "classify()")
+        if isinstance(texts, str):
+            texts = [texts]
+        if isinstance(texts, bytes) or not isinstance(texts, Sequence) or not texts:
+            raise QwenliteError("classify() takes a text, or a non-empty list of texts or token-id lists")
+        lists = [self._ids(t, False, f"text {i}") for i, t in enumerate(texts)]
+        return heads.scores(self.backend, head, self._states(lists, "last"))
+
+    def classify_tokens(self, text: str | Sequence[int]) -> np.ndarray:
+        """Token-classification logits ``float32 [n_tokens, len(labels)]``, one row per token of
+        ``tokenize(text)`` (``Qwen2ForTokenClassification``)."""
+        head = self._head("token-classification", "classify_tokens()")
+        return heads.scores(self.backend, head, self._states([self._ids(text, False, "the text")], "none")[0])
+
+    def answer(self, question: str, context: str, max_answer_tokens: int = heads.MAX_ANSWER_TOKENS) -> dict[str, Any]:
+        """The answer to ``question`` found in ``context`` (``Qwen2ForQuestionAnswering``): the tokens are
+        ``tokenize(question) + tokenize(context)``, as a Qwen2 tokenizer encodes the pair, and the span
+        is the one of at most ``max_answer_tokens`` context tokens maximizing p(start) * p(end), each a
+        softmax over the context tokens (transformers' QA pipeline). Returns ``{"answer", "score",
+        "start", "end"}`` (the pipeline's keys: character offsets into ``context``, whitespace at the
+        span's edges left out) and ``"start_token"``, ``"end_token"`` (indices into the context's tokens)."""
+        head = self._head("question-answering", "answer()")
+        if not isinstance(question, str) or not isinstance(context, str) or not context.strip():
+            raise QwenliteError("answer() takes a question and a non-empty context, both text")
+        if isinstance(max_answer_tokens, bool) or not isinstance(max_answer_tokens, int) or max_answer_tokens < 1:
+            raise QwenliteError(f"max_answer_tokens must be an integer >= 1, got {shown(max_answer_tokens)}")
+        q, c = self.tokenize(question), self.tokenize(context)
+        ids = self._ids(q + c, False, "the question and context")
+        logits = heads.scores(self.backend, head, self._states([ids], "none")[0])[len(q):]
+        s, e, score = heads.best_span(logits[:, 0], logits[:, 1], max_answer_tokens)
+        pieces = [self.tokenizer.token_bytes(t) for t in c]
+        spelled = b"".join(pieces).decode("utf-8", errors="replace")
+        a, b = heads.char_span(pieces, s, e)
+        text = spelled[a:b]
+        a += len(text) - len(text.lstrip())
+        b -= len(text) - len(text.rstrip())
+        return {"answer": spelled[a:b], "score": score, "start": a, "end": max(a, b),
+                "start_token": s, "end_token": e}
 
     def generate_batch(
         self,
@@ -468,6 +543,7 @@ class Model:
         ``generate(prompt, seed=seed)`` would (so its text never depends on the other prompts), a list
         gives one seed per prompt. At temperature 0 each result equals ``generate(prompt)``.
         """
+        self._need_lm_head()
         lists = [self._ids(p, special, f"prompt {i}") for i, p in enumerate(prompts)]
         if max_tokens < 0:
             raise QwenliteError(f"max tokens must be >= 0, got {max_tokens}")
@@ -500,12 +576,16 @@ class Model:
         runs). Once ``start()``-ed it owns the model until ``close()``: other calls on the model wait.
         ``submit(Request(...))`` from any thread; text pieces and the ``Result`` arrive through the
         request's ``emit`` callback. Slots keep their cache between requests (prefix reuse)."""
+        self._need_lm_head()
         return Scheduler(self.runtime, self.tokenizer, max_queue=max_queue, n_batch=n_batch, hold=self._exclusive)
 
     def warmup(self) -> None:
         """Compile (or load from Numba's disk cache) every kernel a generation runs: prefill (4-token
         tiles and a remainder), single-sequence decode and batched decode. Leaves the cache empty."""
         ids = [t % self.config.n_vocab for t in range(1000, 1006)]
+        if not self.config.has_lm_head:
+            self.embed([ids, ids[:3]])
+            return
         self.generate(ids, max_tokens=3)
         self.generate_batch([ids[:2], ids[2:3]], max_tokens=2)
         with self._exclusive():

@@ -1,5 +1,5 @@
-"""The ``qwenlite`` command line: run / chat / serve / info / show / list / rm / pull / warmup / bench /
-convert / quantize.
+"""The ``qwenlite`` command line: run / embed / classify / chat / serve / info / show / list / rm / pull /
+warmup / bench / convert / quantize.
 
 Conventions every subcommand keeps: stdout carries only the product (generated text, JSON, the info
 report); status goes to stderr. Any ``QwenliteError`` becomes one ``error: ...`` line on stderr and exit
@@ -28,6 +28,7 @@ import numpy as np
 from qwenlite import __version__, hub
 from qwenlite.chat.sampler import Sampler, SamplerConfig
 from qwenlite.errors import GGUFError, QwenliteError, QwenliteWarning
+from qwenlite.runtime import heads
 
 # ``run``'s -n default, the same as ``Model.generate``'s max_tokens; ``chat`` runs to the end of the turn.
 DEFAULT_MAX_TOKENS = 256
@@ -355,6 +356,54 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_classify(args: argparse.Namespace) -> int:
+    """The task head of a classifier or question-answering model (docs/task-heads.md), by the file's task:
+    sequence classification prints each text's top label and its probability (a softmax of the
+    logits), one line a text of ``-p TEXT`` or of each non-empty line of ``-f FILE``; token
+    classification prints one ``token<TAB>label<TAB>probability`` line a token; question answering takes
+    ``--question`` and prints the answer found in the context (``-p``, or the whole of ``-f``).
+    ``--json`` prints every score."""
+    model = _load(args)
+    task = model.task
+    if task == "causal-lm":
+        raise QwenliteError(f"{model.path.name} is a causal LM with no task head; classify runs models converted "
+                            "from Qwen2ForSequenceClassification, ...ForTokenClassification or ...ForQuestionAnswering")
+    if (args.question is not None) != (task == "question-answering"):
+        raise QwenliteError("--question is for question-answering models; this one is a " + task + " model"
+                            if args.question is not None else "this is a question-answering model: give --question")
+    text = _read_prompt(args)
+    labels = list(model.labels)
+    if task == "question-answering":
+        found = model.answer(args.question, text)
+        print(json.dumps(found, ensure_ascii=False) if args.json else found["answer"])
+        return 0
+    if task == "token-classification":
+        ids = model.tokenize(text)
+        probs = heads.softmax(model.classify_tokens(ids))
+        pieces = [model.detokenize([t]) for t in ids]
+        if args.json:
+            rows = [{"token": piece, "id": t, "label": labels[int(p.argmax())], "probabilities": p.tolist()}
+                    for piece, t, p in zip(pieces, ids, probs)]
+            print(json.dumps({"labels": labels, "tokens": rows}, ensure_ascii=False))
+        else:
+            for piece, p in zip(pieces, probs):
+                print(f"{piece!r}\t{labels[int(p.argmax())]}\t{p.max():.4f}")
+        return 0
+    texts = [line for line in text.splitlines() if line.strip()] if args.file is not None else [text]
+    if not texts:
+        raise QwenliteError(f"{args.file}: no text to classify")
+    logits = model.classify(texts)
+    probs = heads.softmax(logits)
+    if args.json:
+        data = [{"index": i, "label": labels[int(p.argmax())], "logits": lg.tolist(), "probabilities": p.tolist()}
+                for i, (lg, p) in enumerate(zip(logits, probs))]
+        print(json.dumps({"labels": labels, "data": data}, ensure_ascii=False))
+    else:
+        for p in probs:
+            print(f"{labels[int(p.argmax())]}\t{p.max():.4f}")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from qwenlite.gguf.reader import GGUFFile
     from qwenlite.model.config import ModelConfig
@@ -594,6 +643,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-normalize", action="store_true", help="do not scale to unit length")
     p.add_argument("--json", action="store_true", help="OpenAI's embeddings list as JSON")
     p.set_defaults(func=cmd_embed, escape=False)
+
+    p = sub.add_parser("classify", help="a task model's head: labels of texts or tokens, or an answer",
+                       formatter_class=_Help)
+    _add_model(p)
+    p.add_argument("-p", "--prompt", default=None, help="the text (question answering: the context)")
+    p.add_argument("-f", "--file", default=None,
+                   help="a UTF-8 file, one text a line (question answering: the whole context); - = stdin")
+    p.add_argument("-q", "--question", default=None, help="the question (question-answering models)")
+    p.add_argument("--json", action="store_true", help="every label's logit and probability as JSON")
+    p.set_defaults(func=cmd_classify, escape=False)
 
     p = sub.add_parser("chat", help="interactive streaming chat, or one reply with -p", formatter_class=_Help)
     _add_model(p)

@@ -49,6 +49,30 @@ def hf_model(hf_reference_dir: Path):  # noqa: ANN201
     return load_hf_model(hf_reference_dir)
 
 
+REAL_TASK_LABELS = {"sequence-classification": ["negative", "neutral", "positive", "question", "code"],
+                    "question-answering": ["start", "end"]}
+
+
+@pytest.fixture(scope="session")
+def real_task_gguf(hf_reference_dir: Path):  # noqa: ANN201
+    """``get(task, ftype)``: the real 0.5B trunk with a random ``task`` head (tests/hf_reference.py),
+    as an HF checkpoint directory and converted by qwenlite to ``ftype``; ``(hf_dir, gguf_path)``.
+    Both are cached beside the HF reference checkpoint (the GGUF written atomically by the converter)."""
+    from hf_reference import task_checkpoint
+
+    from qwenlite.converters.hf_to_gguf import convert
+
+    def get(task: str, ftype: str) -> tuple[Path, Path]:
+        hf_dir = task_checkpoint(hf_reference_dir, hf_reference_dir.with_name(f"{hf_reference_dir.name}-{task}"),
+                                 task, REAL_TASK_LABELS[task])
+        out = hf_dir.with_name(f"{hf_dir.name}-{ftype}.gguf")
+        if not out.exists():
+            convert(hf_dir, out, ftype, progress=False)
+        return hf_dir, out
+
+    return get
+
+
 SERVE_KEY = "test-key-123"
 
 

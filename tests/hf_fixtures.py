@@ -131,6 +131,7 @@ def _finish(
     eos_id, pad_id = added["<|im_end|>"], added["<|endoftext|>"]
     model.config.bos_token_id = pad_id
     model.config.eos_token_id = eos_id
+    model.config.pad_token_id = pad_id  # what a sequence classifier's batches are padded with
     if dtype != "float32":
         model = model.to(getattr(torch, dtype))
     kwargs: dict[str, Any] = {"safe_serialization": True}
@@ -157,15 +158,19 @@ def make_qwen2_checkpoint(
     max_shard_size: str | None = None,
     tokenizer_from_gguf: str | Path | None = None,
     name: str = "tiny-qwen2",
+    head: str = "ForCausalLM",
     **config_overrides: Any,
 ) -> Path:
-    """A random Qwen2ForCausalLM saved under ``tmpdir/name``; returns that directory.
+    """A random Qwen2 model (``Qwen2ForCausalLM`` unless ``head`` says otherwise) saved under ``tmpdir/name``; returns that directory.
 
     Defaults: hidden 96 (a multiple of 32, not of 256), 4 heads / 2 kv heads (head_dim 24), ffn 160,
     3 layers, untied embeddings, vocab padded 8 rows beyond the tokenizer. ``dtype`` is the saved
     dtype (float32, float16 or bfloat16); ``max_shard_size`` (e.g. "100KB") makes a sharded checkpoint.
+    ``head`` picks the class: ``Qwen2`` + "ForCausalLM", "ForSequenceClassification",
+    "ForTokenClassification" or "ForQuestionAnswering" (give ``id2label`` for the labels).
     """
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    import transformers
+    from transformers import Qwen2Config
 
     tok_json = _tokenizer(tokenizer_from_gguf)
     cfg: dict[str, Any] = dict(
@@ -182,7 +187,7 @@ def make_qwen2_checkpoint(
     )
     cfg.update(config_overrides)
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(Qwen2Config(**cfg)).eval()
+    model = getattr(transformers, "Qwen2" + head)(Qwen2Config(**cfg)).eval()
     _randomize_norms_and_biases(model, seed)
     out = Path(tmpdir) / name
     return _finish(model, out, tok_json, dtype, max_shard_size)
@@ -196,14 +201,17 @@ def make_qwen2moe_checkpoint(
     max_shard_size: str | None = None,
     tokenizer_from_gguf: str | Path | None = None,
     name: str = "tiny-qwen2moe",
+    head: str = "ForCausalLM",
     **config_overrides: Any,
 ) -> Path:
-    """A random Qwen2MoeForCausalLM saved under ``tmpdir/name``; returns that directory.
+    """A random Qwen2-MoE model (``Qwen2MoeForCausalLM`` unless ``head`` says otherwise) saved under ``tmpdir/name``; returns that directory.
 
     Defaults: hidden 64, 3 layers with layer 1 dense (``mlp_only_layers=[1]``), 6 experts top-2 with
     ``norm_topk_prob=True``, expert ffn 96 (not a multiple of 256), shared expert ffn 128, dense ffn 160.
+    ``head`` as for ``make_qwen2_checkpoint``.
     """
-    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+    import transformers
+    from transformers import Qwen2MoeConfig
 
     tok_json = _tokenizer(tokenizer_from_gguf)
     cfg: dict[str, Any] = dict(
@@ -227,7 +235,7 @@ def make_qwen2moe_checkpoint(
     )
     cfg.update(config_overrides)
     torch.manual_seed(seed)
-    model = Qwen2MoeForCausalLM(Qwen2MoeConfig(**cfg)).eval()
+    model = getattr(transformers, "Qwen2Moe" + head)(Qwen2MoeConfig(**cfg)).eval()
     _randomize_norms_and_biases(model, seed)
     out = Path(tmpdir) / name
     return _finish(model, out, tok_json, dtype, max_shard_size)

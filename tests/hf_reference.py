@@ -155,3 +155,48 @@ def hf_logits(model, ids: list[int]) -> np.ndarray:  # noqa: ANN001
 
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+# The HF class of each task head, its head module and whether that has a bias (transformers' Generic*
+# classes), and the trunk's prefix (Qwen2ForQuestionAnswering keeps the old ``transformer.``).
+TASK_CLASSES = {
+    "sequence-classification": ("Qwen2ForSequenceClassification", "score", False, "model"),
+    "token-classification": ("Qwen2ForTokenClassification", "score", True, "model"),
+    "question-answering": ("Qwen2ForQuestionAnswering", "qa_outputs", True, "transformer"),
+}
+
+
+def task_checkpoint(causal_dir: Path, out: Path, task: str, labels: list[str], seed: int = 0) -> Path:
+    """A ``Qwen2For<Task>`` checkpoint in ``out`` with the trunk of the causal-LM checkpoint
+    ``causal_dir`` and a random head (N(0, 0.02) like transformers' init, scaled so logits span a few
+    units), no LM head; written once and reused."""
+    done = out / ".complete"
+    if done.exists():
+        return out
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    cls, head, has_bias, prefix = TASK_CLASSES[task]
+    out.mkdir(parents=True, exist_ok=True)
+    state = {}
+    with safe_open(str(causal_dir / "model.safetensors"), "pt") as f:
+        for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+            if name.startswith("model."):
+                state[prefix + name[len("model"):]] = f.get_tensor(name)
+    d = state[f"{prefix}.norm.weight"].shape[0]
+    g = torch.Generator().manual_seed(seed)
+    state[f"{head}.weight"] = 0.02 * torch.randn(len(labels), d, generator=g)
+    if has_bias:
+        state[f"{head}.bias"] = 0.5 * torch.randn(len(labels), generator=g)
+    config = json.loads((causal_dir / "config.json").read_text())
+    config["architectures"] = [cls]
+    config["id2label"] = {str(i): name for i, name in enumerate(labels)}
+    config["label2id"] = {name: i for i, name in enumerate(labels)}
+    config["pad_token_id"] = config["bos_token_id"]
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    for name in ("tokenizer_config.json", "vocab.json", "merges.txt", "generation_config.json"):
+        (out / name).write_bytes((causal_dir / name).read_bytes())
+    done.touch()
+    return out

@@ -55,6 +55,12 @@ EXPERT_SHARED_FEED_FORWARD_LENGTH = "{arch}.expert_shared_feed_forward_length"
 EXPERT_WEIGHTS_NORM = "{arch}.expert_weights_norm"
 POOLING_TYPE = "{arch}.pooling_type"  # llama.cpp: 0 none, 1 mean, 2 cls, 3 last, 4 rank
 DENSE_LAYERS = "{arch}.dense_layers"
+# Task heads (docs/task-heads.md). llama.cpp's: the label names of a classifier's outputs (``cls.output``
+# rows). qwenlite's: which head ``cls.output`` is, one of TASK_HEADS; a file without the key is a
+# causal LM, or, with pooling type 4 (rank) and ``cls.output``, llama.cpp's sequence classifier.
+CLASSIFIER_LABELS = "{arch}.classifier.output_labels"
+CLASSIFIER_TASK = "{arch}.classifier.task"
+POOLING_RANK = 4
 
 
 def arch_key(template: str, arch: str) -> str:
@@ -99,6 +105,7 @@ def chat_template_key(name: str) -> str:
 TOKEN_EMBD = "token_embd"
 OUTPUT_NORM = "output_norm"
 OUTPUT = "output"
+CLS_OUT = "cls.output"  # a task head [n_labels, n_embd] (+ bias), llama.cpp's name
 
 ATTN_NORM = "blk.{bid}.attn_norm"
 ATTN_Q = "blk.{bid}.attn_q"

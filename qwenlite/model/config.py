@@ -21,9 +21,18 @@ from qwenlite.errors import GGUFError, QwenliteError, shown
 from qwenlite.gguf import names as gn
 from qwenlite.gguf.reader import GGUFFile
 
-# Hugging Face ``architectures[0]`` -> GGUF ``general.architecture``
-ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "Qwen2MoeForCausalLM": "qwen2moe"}
-SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES.values())
+# Hugging Face ``architectures[0]`` is a trunk name and a task suffix: the trunk gives GGUF's
+# ``general.architecture``, the suffix the head (``task``; docs/task-heads.md).
+TRUNKS = {"Qwen2": "qwen2", "Qwen2Moe": "qwen2moe"}
+CAUSAL_LM = "causal-lm"
+TASKS = {"ForCausalLM": CAUSAL_LM, "ForSequenceClassification": "sequence-classification",
+         "ForTokenClassification": "token-classification", "ForQuestionAnswering": "question-answering"}
+TASK_HEADS = tuple(t for t in TASKS.values() if t != CAUSAL_LM)
+ARCHITECTURES = {trunk + suffix: arch for trunk, arch in TRUNKS.items() for suffix in TASKS}
+SUPPORTED_ARCHITECTURES = tuple(TRUNKS.values())
+# A question-answering head has two outputs, the start and end logits of the answer span.
+QA_LABELS = ("start", "end")
+MAX_LABELS = 1 << 16
 ROPE_SCALINGS = ("none", "linear", "yarn")
 # Sanity bounds on sizes, far above any real model (Qwen2-72B: 80 layers, width 29568, 64 heads;
 # Qwen2-MoE: 64 experts), so that a hostile value cannot drive unbounded work before a tensor
@@ -66,6 +75,15 @@ class ModelConfig:
     tied_embeddings: bool = False  # no separate output matrix: logits use token_embd
     qkv_bias: bool = True  # attn_q/k/v have biases
     head_dim_explicit: bool = False  # head_dim is given (config.json head_dim, GGUF key_length)
+    # The head on the final normed hidden states: the LM head (``output``, or ``token_embd`` when tied),
+    # or one of TASK_HEADS (``cls.output``, one row per label; docs/task-heads.md).
+    task: str = CAUSAL_LM
+    labels: tuple[str, ...] = ()  # the task head's output names (id2label order)
+
+    @property
+    def has_lm_head(self) -> bool:
+        """A causal LM has one; a task model converted from a ``*For<Task>`` checkpoint has none."""
+        return self.task == CAUSAL_LM
 
     def is_sparse(self, layer: int) -> bool:
         """True when ``layer`` has experts (a qwen2moe layer not listed in ``dense_layers``)."""
@@ -114,11 +132,12 @@ class ModelConfig:
             rope_scaling=scaling,
             rope_factor=factor,
             rope_orig_ctx=orig_ctx,
-            hf_arch=next(hf for hf, a in ARCHITECTURES.items() if a == arch),
             tied_embeddings=gn.weight(gn.OUTPUT) not in f.tensors,
             qkv_bias=gn.bias(gn.ATTN_Q, 0) in f.tensors,
             head_dim_explicit=key(gn.KEY_LENGTH) in f.metadata,
+            **_gguf_task(f, key),
         )
+        cfg["hf_arch"] = _hf_arch(arch, cfg["task"])
         if arch == "qwen2moe":
             n_expert = f.meta_int(key(gn.EXPERT_COUNT), lo=1, hi=MAX_EXPERTS)
             dense = f.meta_ints(key(gn.DENSE_LAYERS), (), lo=0, hi=n_layer - 1)
@@ -145,6 +164,7 @@ class ModelConfig:
         if arch is None:
             raise QwenliteError(f"unsupported architecture {shown(hf_arch)}; qwenlite converts "
                                 f"{', '.join(ARCHITECTURES)}")
+        task = next(t for suffix, t in TASKS.items() if hf_arch.endswith(suffix))
         n_layer = _int(cfg, "num_hidden_layers", maximum=MAX_LAYERS)
         n_embd = _int(cfg, "hidden_size", maximum=MAX_WIDTH)
         n_head = _int(cfg, "num_attention_heads", maximum=MAX_HEADS)
@@ -177,6 +197,8 @@ class ModelConfig:
             rope_scaling=scaling,
             rope_factor=factor,
             rope_orig_ctx=orig_ctx,
+            task=task,
+            labels=_hf_labels(cfg, task),
         )
         if arch == "qwen2":
             return cls(**common)
@@ -202,6 +224,59 @@ class ModelConfig:
             expert_weights_norm=_bool(cfg, "norm_topk_prob", False),
             dense_layers=dense,
         )
+
+
+def _hf_arch(arch: str, task: str) -> str:
+    trunk = next(t for t, a in TRUNKS.items() if a == arch)
+    return trunk + next(suffix for suffix, t in TASKS.items() if t == task)
+
+
+def _gguf_task(f: GGUFFile, key: Any) -> dict[str, Any]:
+    """``task`` and ``labels`` of a file: its ``<arch>.classifier.task`` key, or, without one, a causal
+    LM, unless it has llama.cpp's classifier layout (``cls.output`` and pooling type rank), which is a
+    sequence classifier. The labels are ``<arch>.classifier.output_labels``, one per ``cls.output`` row
+    (llama.cpp names missing ones ``LABEL_<i>``)."""
+    head = f.tensors.get(gn.weight(gn.CLS_OUT))
+    rank = f.meta_int(key(gn.POOLING_TYPE), 0, lo=0, hi=4) == gn.POOLING_RANK
+    default = TASK_HEADS[0] if head is not None and rank else CAUSAL_LM
+    task = f.meta_str(key(gn.CLASSIFIER_TASK), default, (CAUSAL_LM, *TASK_HEADS))
+    if task == CAUSAL_LM:
+        return {"task": task}
+    if head is None or len(head.shape) != 2:
+        raise GGUFError(f"{f.path}: a {task} model needs a 2-D tensor {gn.weight(gn.CLS_OUT)!r}")
+    n = head.shape[0]
+    if task == "question-answering" and n != 2:
+        raise GGUFError(f"{f.path}: a question-answering head has 2 outputs (start, end), "
+                        f"{gn.weight(gn.CLS_OUT)!r} has {n}")
+    names = f.metadata.get(key(gn.CLASSIFIER_LABELS))
+    if names is None:
+        labels = QA_LABELS if task == "question-answering" else tuple(f"LABEL_{i}" for i in range(n))
+    elif not isinstance(names, list) or len(names) != n or not all(isinstance(x, str) for x in names):
+        raise GGUFError(f"{f.path}: {key(gn.CLASSIFIER_LABELS)} must be {n} label names, one per row of "
+                        f"{gn.weight(gn.CLS_OUT)!r}")
+    else:
+        labels = tuple(names)
+    return {"task": task, "labels": labels}
+
+
+def _hf_labels(cfg: dict[str, Any], task: str) -> tuple[str, ...]:
+    """A task head's output names: ``id2label`` in id order (transformers' default: two labels
+    ``LABEL_0``, ``LABEL_1``, or ``num_labels`` of them), ``start`` / ``end`` for question answering."""
+    if task == CAUSAL_LM:
+        return ()
+    if task == "question-answering":
+        return QA_LABELS
+    id2label = cfg.get("id2label")
+    if id2label is None:
+        return tuple(f"LABEL_{i}" for i in range(_int(cfg, "num_labels", 2, maximum=MAX_LABELS)))
+    if not isinstance(id2label, dict) or not 0 < len(id2label) <= MAX_LABELS:
+        raise QwenliteError(f"config.json: 'id2label' must be an object of at most {MAX_LABELS} labels")
+    ids = sorted(id2label, key=lambda k: int(k) if isinstance(k, str) and k.isdigit() else -1)
+    if ids != [str(i) for i in range(len(ids))] or not all(isinstance(v, str) for v in id2label.values()):
+        raise QwenliteError("config.json: 'id2label' must map the ids 0..n-1 to label names")
+    if "num_labels" in cfg and cfg["num_labels"] != len(ids):
+        raise QwenliteError(f"config.json: num_labels {shown(cfg['num_labels'])} but id2label has {len(ids)} labels")
+    return tuple(id2label[k] for k in ids)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@
         store k, v at (seq, pos);  x = x + Wo attention(q over its own sequence's keys 0..pos)
         x = x + ffn(rms_norm(x))            # SwiGLU MLP, or the MoE block
     logits = W_out rms_norm(x[rows])        # W_out = token_embd when the embeddings are tied
+                                            # (a task model has W_cls instead: runtime.heads)
 
 A batch (llama.cpp's ubatch) is tokens ``[T]``, their positions ``[T]`` and sequences ``[T]``, and the
 rows that need logits. Every matrix is read once per batch for all its sequences.
@@ -83,6 +84,14 @@ def load_block(ld: Loader, i: int, cfg: ModelConfig) -> Block:
     )
 
 
+def no_lm_head(cfg: ModelConfig) -> str:
+    """The one error of a generation call on a task model."""
+    use = {"sequence-classification": "classify()", "token-classification": "classify_tokens()",
+           "question-answering": "answer()"}[cfg.task]
+    return (f"this model has no language-model head: it is a {cfg.task} model ({cfg.hf_arch}); "
+            f"use {use} or embed(), not generation or chat")
+
+
 class Qwen2:
     """Weights of a whole model and its forward pass, running on ``backend`` over a ``KVCache``.
 
@@ -94,11 +103,16 @@ class Qwen2:
     def __init__(self, ld: Loader, cfg: ModelConfig, n_ctx: int, backend: Backend) -> None:
         self.cfg = cfg
         self.backend = backend
-        tied = not ld.has(gn.weight(gn.OUTPUT))
+        tied = cfg.has_lm_head and not ld.has(gn.weight(gn.OUTPUT))
         self.embed = ld.linear(gn.TOKEN_EMBD, cfg.n_embd, cfg.n_vocab, interleave=tied)
         self.blocks = [load_block(ld, i, cfg) for i in range(cfg.n_layer)]
         self.out_norm = ld.vector(gn.weight(gn.OUTPUT_NORM), cfg.n_embd)
-        self.output = self.embed if tied else ld.linear(gn.OUTPUT, cfg.n_embd, cfg.n_vocab)
+        self.output: Linear | None = None  # the LM head; a task model has none
+        self.head: Linear | None = None  # a task model's head, ``cls.output``
+        if cfg.has_lm_head:
+            self.output = self.embed if tied else ld.linear(gn.OUTPUT, cfg.n_embd, cfg.n_vocab)
+        else:
+            self.head = ld.linear(gn.CLS_OUT, cfg.n_embd, len(cfg.labels), bias=ld.has(gn.bias(gn.CLS_OUT)))
         self.cos, self.sin = rope_tables(n_ctx, cfg.head_dim, cfg.rope_base, cfg.rope_scaling, cfg.rope_factor,
                                          cfg.rope_orig_ctx)
 
@@ -129,6 +143,8 @@ class Qwen2:
         normed = be.rms_norm(x, self.out_norm, cfg.norm_eps)
         if hidden:
             return normed
+        if self.output is None:
+            raise QwenliteError(no_lm_head(cfg))
         logits = be.linear(self.output, normed)
         self._check(logits, "the logits (output_norm / output.weight)")
         return logits

@@ -14,8 +14,9 @@ import numpy as np
 from qwenlite.runtime.engine import Engine
 
 POOLINGS = ("mean", "last", "cls", "none")
-# llama.cpp's <arch>.pooling_type enum; 4 (rank) needs a reranking head.
-POOLING_TYPES = {0: "none", 1: "mean", 2: "cls", 3: "last"}
+# llama.cpp's <arch>.pooling_type enum. 4 (rank) is its classifier's: the head on the last token under
+# causal attention, so a sequence classifier's embedding pools the last token too.
+POOLING_TYPES = {0: "none", 1: "mean", 2: "cls", 3: "last", 4: "last"}
 
 
 def unit(x: np.ndarray) -> np.ndarray:
