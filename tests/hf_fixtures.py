@@ -161,7 +161,8 @@ def make_qwen2_checkpoint(
     head: str = "ForCausalLM",
     **config_overrides: Any,
 ) -> Path:
-    """A random Qwen2 model (``Qwen2ForCausalLM`` unless ``head`` says otherwise) saved under ``tmpdir/name``; returns that directory.
+    """A random Qwen2 model (``Qwen2ForCausalLM`` unless ``head`` says otherwise) saved under
+    ``tmpdir/name``; returns that directory.
 
     Defaults: hidden 96 (a multiple of 32, not of 256), 4 heads / 2 kv heads (head_dim 24), ffn 160,
     3 layers, untied embeddings, vocab padded 8 rows beyond the tokenizer. ``dtype`` is the saved
@@ -204,7 +205,8 @@ def make_qwen2moe_checkpoint(
     head: str = "ForCausalLM",
     **config_overrides: Any,
 ) -> Path:
-    """A random Qwen2-MoE model (``Qwen2MoeForCausalLM`` unless ``head`` says otherwise) saved under ``tmpdir/name``; returns that directory.
+    """A random Qwen2-MoE model (``Qwen2MoeForCausalLM`` unless ``head`` says otherwise) saved under
+    ``tmpdir/name``; returns that directory.
 
     Defaults: hidden 64, 3 layers with layer 1 dense (``mlp_only_layers=[1]``), 6 experts top-2 with
     ``norm_topk_prob=True``, expert ffn 96 (not a multiple of 256), shared expert ffn 128, dense ffn 160.

@@ -46,11 +46,11 @@ def test_embeddings_match_transformers(real_model, hf_model, pooling: str) -> No
         ref = {"mean": h.mean(axis=0), "last": h[-1], "cls": h[0]}[pooling]
         cos.append(float(v @ _unit(ref)))
     # One text of the 20 is allowed below 0.999: 'שלום עולם' (3 tokens), whose second token's state is
-    # ill-conditioned (HF's top two logits there are 12.06 and 12.36): our own KV cache types give
-    # cosines of 0.75 (f32), 0.61 (f16) and 0.71 (q8_0) at that position against transformers, 0.995+
-    # at the others. Everything else agrees to >= 0.999; wrong code would not come close.
-    # With "last" (one token's state) two texts fall to 0.9988 and 0.9949 (the same Hebrew text).
-    # Issue 15's target is >= 0.999 for every text: not met yet, and recorded there.
+    # ill-conditioned: every 8-bit activation or f16 cache rounding moves it. Our KV cache types give
+    # cosines of 0.75 (f32), 0.61 (f16) and 0.71 (q8_0) at that position against transformers;
+    # llama.cpp on the same file gives 0.73 (f32 cache) and 0.63 (f16), and ours against llama.cpp's is
+    # 0.9987 (f16). On float weights with an f32 cache every text is >= 0.999
+    # (test_embeddings_on_float_weights). With "last" two texts fall to 0.9988 and 0.9949 here.
     low = [c for c in cos if c < 0.999]
     allowed, floor = {"mean": (1, 0.85), "last": (2, 0.99), "cls": (0, 0.999)}[pooling]
     assert len(low) <= allowed and min(cos) >= floor, cos
@@ -100,3 +100,23 @@ def test_cli_embed(real_model_path, real_model, tmp_path) -> None:  # noqa: ANN0
     assert r.returncode == 0, r.stderr
     line = np.array(r.stdout.split(), np.float32)
     np.testing.assert_allclose(line, real_model.embed(TEXTS[0], pooling="last")[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last", "cls"])
+def test_embeddings_on_float_weights(real_task_gguf, hf_model, pooling: str) -> None:  # noqa: ANN001
+    """The trunk converted to f32 (the sequence-classifier file of tests/conftest.py: the same trunk as
+    the causal LM, whose transformers model is the oracle), run with an f32 cache: no 8-bit activations
+    and no f16 rounding, so every text of the multilingual set agrees to >= 0.999."""
+    import qwenlite
+
+    _, path = real_task_gguf("sequence-classification", "f32")
+    with qwenlite.load(path, n_threads=2, kv_type="f32") as m:
+        got = m.embed(TEXTS, pooling=pooling)
+        ids = [m.tokenize(t) for t in TEXTS]
+    cos = []
+    for text_ids, v in zip(ids, got):
+        h = _hf_states(hf_model, text_ids)
+        ref = {"mean": h.mean(axis=0), "last": h[-1], "cls": h[0]}[pooling]
+        cos.append(float(v @ _unit(ref)))
+    print(f"{pooling}: min cosine {min(cos):.6f}")
+    assert min(cos) >= 0.999, cos
