@@ -5,7 +5,7 @@ directory; the answer goes to ``out/result.json`` (arrays as ``.npy`` files list
 ``"arrays"``). Only this file imports ``llama_cpp``: the main test interpreter does not have it, and
 one process per request keeps llama.cpp's state (and its stderr chatter) away from the caller.
 
-Ops: ``tokenize``, ``greedy``, ``logits``, ``bench``, ``batched_bench``, ``kv_memory``,
+Ops: ``tokenize``, ``greedy``, ``logits``, ``bench``, ``batched_bench``, ``embed_bench``, ``kv_memory``,
 ``quantize_model``.
 """
 
@@ -210,7 +210,7 @@ def op_batched_bench(req: dict[str, Any]) -> dict[str, Any]:
             cparams.n_batch = cparams.n_ubatch = max(n_seq * n_prompt, n_seq)
             cparams.n_seq_max = n_seq
             cparams.n_threads = cparams.n_threads_batch = threads
-            cparams.kv_unified = bool(req.get("kv_unified", False))
+            cparams.kv_unified = bool(req.get("kv_unified", True))
             cparams.flash_attn_type = FLASH_ATTN[req.get("flash_attn", "auto")]
             cparams.no_perf = True
             ctx = llama_cpp.llama_init_from_model(model, cparams)
@@ -233,6 +233,55 @@ def op_batched_bench(req: dict[str, Any]) -> dict[str, Any]:
         llama_cpp.llama_model_free(model)
     return {"batch": results, "n_prompt": n_prompt, "n_gen": n_gen, "n_threads": threads,
             "kv_unified": bool(req.get("kv_unified", False)), "flash_attn": req.get("flash_attn", "auto")}
+
+
+def op_embed_bench(req: dict[str, Any]) -> dict[str, Any]:
+    """llama.cpp's embedding path (what ``llama-embedding`` does): a context with ``embeddings`` on and
+    mean pooling, ``n_seq_max`` = the number of texts, one unified KV cache (``kv_unified`` false gives
+    one stream per text: faster, but in this build its pooled vectors are wrong, cosine 0.92 to
+    transformers'), one batch of all texts (each its own sequence),
+    every row flagged for output, then ``llama_get_embeddings_seq`` per text. ``reps`` timed runs after
+    one warm-up, each from an empty cache; returns tokens/s per run and the first text's embedding."""
+    lists = [[int(t) for t in ids] for ids in req["lists"]]
+    reps, threads = int(req.get("reps", 3)), int(req.get("n_threads", 2))
+    n_tokens = sum(len(x) for x in lists)
+    llama_cpp.llama_backend_init()
+    model = llama_cpp.llama_model_load_from_file(req["model"].encode(), llama_cpp.llama_model_default_params())
+    if not model:
+        raise RuntimeError(f"could not load {req['model']}")
+    cparams = llama_cpp.llama_context_default_params()
+    cparams.n_ctx = _ctx_for(n_tokens)
+    cparams.n_batch = n_tokens
+    cparams.n_ubatch = int(req.get("n_ubatch", 512))
+    cparams.n_seq_max = len(lists)
+    cparams.n_threads = cparams.n_threads_batch = threads
+    cparams.embeddings = True
+    cparams.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_MEAN
+    cparams.kv_unified = bool(req.get("kv_unified", True))
+    cparams.no_perf = True
+    ctx = llama_cpp.llama_init_from_model(model, cparams)
+    if not ctx:
+        raise RuntimeError("could not create an embedding context")
+    batch = llama_cpp.llama_batch_init(n_tokens, 0, 1)
+    n_embd = llama_cpp.llama_model_n_embd(model)
+    rates, first = [], None
+    try:
+        for rep in range(reps + 1):
+            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+            _fill(batch, [(tok, i, s, True) for s, ids in enumerate(lists) for i, tok in enumerate(ids)])
+            t0 = time.perf_counter()
+            _decode(ctx, batch)
+            vecs = [np.ctypeslib.as_array(llama_cpp.llama_get_embeddings_seq(ctx, s), shape=(n_embd,)).copy()
+                    for s in range(len(lists))]
+            llama_cpp.llama_synchronize(ctx)
+            if rep:
+                rates.append(n_tokens / (time.perf_counter() - t0))
+            first = vecs[0]
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_free(ctx)
+        llama_cpp.llama_model_free(model)
+    return {"tps": rates, "n_tokens": n_tokens, "first": first.tolist(), "n_ubatch": int(cparams.n_ubatch)}
 
 
 def _vm_hwm() -> int:
@@ -293,6 +342,7 @@ OPS = {
     "batched_bench": op_batched_bench,
     "kv_memory": op_kv_memory,
     "quantize_model": op_quantize_model,
+    "embed_bench": op_embed_bench,
 }
 
 

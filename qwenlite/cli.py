@@ -271,6 +271,7 @@ def _summary(path: Path) -> dict[str, Any]:
                 "parameters_human": _human(n_params), "quantization": quant,
                 "context_length": cfg.n_ctx_train, "embedding_length": cfg.n_embd, "layers": cfg.n_layer,
                 "heads": cfg.n_head, "kv_heads": cfg.n_head_kv,
+                "task": cfg.task, "labels": list(cfg.labels),
                 "chat_template": isinstance(template, str) and bool(template.strip()),
                 "tools_in_template": isinstance(template, str) and "tools" in template,
                 "license": license_}
@@ -286,6 +287,7 @@ def cmd_show(args: argparse.Namespace) -> int:
             ("quantization", info["quantization"]), ("context length", info["context_length"]),
             ("embedding length", info["embedding_length"]), ("layers", info["layers"]),
             ("heads (kv)", f"{info['heads']} ({info['kv_heads']})"),
+            *([("task", f"{info['task']}: {', '.join(info['labels'])}")] if info["labels"] else []),
             ("chat template", ("yes, with tools" if info["tools_in_template"] else "yes")
              if info["chat_template"] else "no (ChatML is used)"),
             ("license", info["license"] or "unknown"), ("file", info["file"]),

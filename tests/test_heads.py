@@ -381,3 +381,25 @@ def test_real_trunk_question_answering(real_task_gguf) -> None:  # noqa: ANN001
                  AutoTokenizer.from_pretrained(hf_dir), {}, None)
     with _load(path, "f16") as m:
         _check_answers(case_, m, "q8_0", case_.hf)
+
+
+def test_k_quant_head(tmp_path: Path) -> None:
+    """A q4_k_m file quantizes the head too (llama-quantize's rule for an "other" matrix): 4 rows of a
+    256-wide Q4_K matrix, which no x8 kernel takes, through the row-major path. Oracle: transformers on
+    the file's own weights (dequantized by gguf-py), so only the 8-bit activations separate the two."""
+    from transformers import AutoTokenizer
+
+    hf_dir = make_qwen2_checkpoint(tmp_path, head=TASKS["sequence-classification"], name="hf", hidden_size=256,
+                                   num_attention_heads=4, num_key_value_heads=2, id2label=dict(enumerate(LABELS)))
+    path = convert(hf_dir, tmp_path / "q4_k_m.gguf", "q4_k_m", progress=False)
+    with GGUFFile(path) as f:
+        assert f.tensors["cls.output.weight"].qtype.name == "Q4_K"
+    same = _same_weights(_hf_model(hf_dir, "sequence-classification"), hf_dir, path)
+    case_ = Case("qwen2-k", "sequence-classification", same, AutoTokenizer.from_pretrained(hf_dir), {}, same)
+    ref = _hf_scores(case_, TEXTS[:50])
+    with _load(path) as m:
+        ours = m.classify(TEXTS[:50])
+    err = float(np.abs(ours - ref).max()) / float(np.abs(ref).max())
+    agree = float((ours.argmax(1) == ref.argmax(1)).mean())
+    print(f"q4_k_m sequence classifier: max |diff| {err:.1e} of the scale, argmax agrees on {agree:.0%}")
+    assert err < Q8_REL and agree >= ARGMAX_AGREE
