@@ -20,7 +20,7 @@ CONVERT_ARGS ?=
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 FUZZ_ARGS ?=
-.PHONY: fuzz install test test-peer lint peer peer-build peer-src peer-server bench bench-batch bench-kv bench-serve bench-json bench-venv bench-convert clean
+.PHONY: fuzz install test test-peer lint peer peer-build peer-src peer-server peer-tools bench bench-batch bench-kv bench-serve bench-json bench-venv bench-convert clean
 
 # Editable install of qwenlite with the test extras.
 install:
@@ -95,6 +95,18 @@ peer-server: peer-src
 		-DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF > $(PEER)/server-build.log 2>&1; \
 	nice -n 10 cmake --build $(PEER)/server-build --target llama-server -j $(JOBS) >> $(PEER)/server-build.log 2>&1; }
 	@echo "llama-server ready: $(PEER_SERVER)"
+
+# llama.cpp's quality tools from the same sources and build folder as llama-server: llama-perplexity
+# (perplexity and KL divergence), llama-imatrix, llama-quantize (the oracles of `qwenlite perplexity`;
+# ~15 min on 2 cores, log in .peer/tools-build.log).
+PEER_TOOLS := llama-perplexity llama-imatrix llama-quantize
+peer-tools: peer-src
+	@test -x $(PEER)/server-build/bin/llama-perplexity || { set -e; echo "building $(PEER_TOOLS) (tail -f $(PEER)/tools-build.log)"; \
+	cmake -S $(PEER)/llama.cpp-src -B $(PEER)/server-build -DGGML_NATIVE=ON -DCMAKE_BUILD_TYPE=Release \
+		-DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF \
+		-DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF > $(PEER)/tools-build.log 2>&1; \
+	nice -n 10 cmake --build $(PEER)/server-build --target $(PEER_TOOLS) -j $(JOBS) >> $(PEER)/tools-build.log 2>&1; }
+	@echo "llama.cpp tools ready: $(PEER)/server-build/bin/"
 
 # Served throughput and TTFT, `qwenlite serve --parallel 4` vs `llama-server --parallel 4`, streaming
 # clients at concurrency 1/4/8 -> BENCHMARKS.md (e.g. SERVE_ARGS="--models 0.5b").

@@ -37,6 +37,8 @@ from qwenlite.gguf.reader import GGUFFile
 from qwenlite.model.config import TASK_HEADS, ModelConfig
 from qwenlite.model.qwen2 import Qwen2, no_lm_head
 from qwenlite.model.weights import Linear
+from qwenlite.quality import perplexity as quality
+from qwenlite.quality.perplexity import PerplexityResult
 from qwenlite.runtime import heads
 from qwenlite.runtime.embed import POOLING_TYPES, POOLINGS, embed_lists
 from qwenlite.runtime.engine import DEFAULT_N_BATCH, Engine
@@ -520,6 +522,68 @@ class Model:
         b -= len(text) - len(text.rstrip())
         return {"answer": spelled[a:b], "score": score, "start": a, "end": max(a, b),
                 "start_token": s, "end_token": e}
+
+    # ---- quality (qwenlite.quality.perplexity) --------------------------------------------------
+
+    def perplexity(self, text: str | Sequence[int] | None = None, n_ctx: int = 512, n_chunks: int | None = None, *,
+                   kl_divergence_base: str | os.PathLike[str] | None = None, kl_divergence: bool = False,
+                   progress: Callable[[int, float, dict[str, float] | None], None] | None = None) -> PerplexityResult:
+        """Perplexity of ``text`` (or token ids) the way ``llama-perplexity -c n_ctx --chunks n_chunks``
+        computes it (``qwenlite.quality.perplexity``: chunks of ``n_ctx`` tokens, the second half of each
+        scored); chunks share forward passes, ``n_seq`` at a time. With ``kl_divergence_base`` the
+        log-probabilities are also saved there in llama.cpp's format; with ``kl_divergence=True`` that
+        file is read instead (its tokens and context are used, ``text`` must be None) and the result's
+        ``kld`` holds llama-perplexity's KL-divergence statistics against it."""
+        self._need_lm_head()
+        n_vocab = self.config.n_vocab
+        if kl_divergence:
+            if kl_divergence_base is None:
+                raise QwenliteError("kl_divergence needs kl_divergence_base, the base model's saved log-probabilities")
+            if text is not None:
+                raise QwenliteError("a KL-divergence run scores the base file's own tokens; give no text")
+            n_ctx, file_vocab, chunk_list, _ = quality.read_base_header(kl_divergence_base)
+            if file_vocab != n_vocab:
+                raise QwenliteError(f"{kl_divergence_base}: saved with a vocabulary of {file_vocab} tokens, this model "
+                                    f"has {n_vocab}")
+        else:
+            if text is None:
+                raise QwenliteError("perplexity() needs a text or token ids")
+            tokens = self._corpus(text)
+            chunk_list = quality.chunks(tokens, n_ctx, n_chunks)
+        if n_ctx > self.n_ctx:
+            raise QwenliteError(f"a perplexity context of {n_ctx} exceeds this model's context of {self.n_ctx} per "
+                                "sequence; load it with a larger n_ctx")
+        first = n_ctx // 2
+        want = np.zeros(n_ctx, bool)
+        want[first : n_ctx - 1] = True
+
+        def evaluate(wave: list[list[int]]) -> list[np.ndarray]:
+            self.runtime.clear()
+            ids = [t for c in wave for t in c]
+            seq = [s for s, c in enumerate(wave) for _ in c]
+            rows = self.runtime.decode(ids, seq, logits=np.tile(want, len(wave)))
+            return np.split(rows, len(wave))
+
+        bos = self.tokenizer.bos_id if self.tokenizer.add_bos else None
+        with self._exclusive():
+            try:
+                return quality.run(evaluate, chunk_list, n_vocab, self.n_seq, bos=bos,
+                                   save_base=None if kl_divergence else kl_divergence_base,
+                                   kld_base=kl_divergence_base if kl_divergence else None, progress=progress)
+            finally:
+                self.runtime.clear()
+
+    def _corpus(self, text: str | Sequence[int]) -> list[int]:
+        """A long text's token ids, as llama-perplexity tokenizes it (a BOS first when the vocabulary adds one)."""
+        if isinstance(text, str):
+            ids = self.tokenize(text)
+            bos = self.tokenizer.bos_id
+            return [bos, *ids] if self.tokenizer.add_bos and bos is not None else ids
+        bad = [t for t in text if isinstance(t, bool) or not isinstance(t, int | np.integer)
+               or not 0 <= t < self.config.n_vocab]
+        if bad:
+            raise QwenliteError(f"token id {shown(bad[0])} is not in the vocabulary of {self.config.n_vocab}")
+        return [int(t) for t in text]
 
     def generate_batch(
         self,

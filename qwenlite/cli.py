@@ -406,6 +406,74 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    """llama-perplexity's run (``Model.perplexity``): the running estimate after each chunk on stderr
+    (``[1]14.5844,[2]10.9425,...``), then on stdout the final statistics; the last line reads
+    ``PPL = X +/- Y``. ``--kl-divergence-base FILE`` saves the log-probabilities; with
+    ``--kl-divergence`` that file is read and llama-perplexity's KL-divergence statistics printed."""
+    if args.ctx_size is None or args.ctx_size < 4:
+        raise QwenliteError(f"-c/--ctx-size must be >= 4, got {args.ctx_size}")
+    if args.batch_size < 1:
+        raise QwenliteError(f"-b/--batch-size must be >= 1, got {args.batch_size}")
+    if args.kl_divergence and args.kl_divergence_base is None:
+        raise QwenliteError("--kl-divergence needs --kl-divergence-base FILE (the base model's saved "
+                            "log-probabilities)")
+    n_ctx = args.ctx_size
+    if args.kl_divergence:
+        from qwenlite.quality.perplexity import read_base_header
+
+        n_ctx = read_base_header(args.kl_divergence_base)[0]
+        text = None
+    else:
+        if args.file is None:
+            raise QwenliteError("give the text with -f FILE (- = stdin)")
+        text = _read_prompt(args)
+    args.ctx_size = n_ctx
+    model = _load(args, n_seq=max(1, args.batch_size // n_ctx))
+
+    def progress(i: int, ppl: float, kld: dict[str, float] | None) -> None:
+        extra = f" KLD {kld['kld']:.6f}" if kld is not None else ""
+        print(f"[{i}]{ppl:.4f}{extra},", end="\n" if kld is not None else "", file=sys.stderr, flush=True)
+
+    r = model.perplexity(text, n_ctx, args.chunks, kl_divergence_base=args.kl_divergence_base,
+                         kl_divergence=args.kl_divergence, progress=progress)
+    print(file=sys.stderr)
+    print(f"perplexity: {r.n_chunks} chunks of {r.n_ctx} tokens, {r.count} scored, {r.tokens_per_second:.1f} tok/s")
+    if r.kld is not None:
+        k = r.kld
+        print("====== Perplexity statistics ======")
+        print(f"Mean PPL(Q)                   : {k['ppl']:10.6f} ± {k['ppl_err']:10.6f}")
+        print(f"Mean PPL(base)                : {k['ppl_base']:10.6f} ± {k['ppl_base_err']:10.6f}")
+        print(f"Cor(ln(PPL(Q)), ln(PPL(base))): {100 * k['ppl_cor']:6.2f}%")
+        print(f"Mean ln(PPL(Q)/PPL(base))     : {k['ln_ppl_ratio']:10.6f} ± {k['ln_ppl_ratio_err']:10.6f}")
+        print(f"Mean PPL(Q)/PPL(base)         : {k['ppl_ratio']:10.6f} ± {k['ppl_ratio_err']:10.6f}")
+        print(f"Mean PPL(Q)-PPL(base)         : {k['ppl_diff']:10.6f} ± {k['ppl_diff_err']:10.6f}")
+        print("====== KL divergence statistics ======")
+        print(f"Mean    KLD: {k['kld']:10.6f} ± {k['kld_err']:10.6f}")
+        print(f"Maximum KLD: {k['kld_max']:10.6f}")
+        for q in (99.9, 99.0, 95.0, 90.0):
+            print(f"{q:4.1f}%   KLD: {k[f'kld_p{q:g}']:10.6f}")
+        print(f"Median  KLD: {k['kld_median']:10.6f}")
+        for q in (10.0, 5.0, 1.0, 0.1):
+            print(f"{q:4.1f}%   KLD: {k[f'kld_p{q:g}']:10.6f}")
+        print(f"Minimum KLD: {k['kld_min']:10.6f}")
+        print("====== Token probability statistics ======")
+        print(f"Mean    Δp: {100 * k['p_diff']:6.3f} ± {100 * k['p_diff_err']:5.3f} %")
+        print(f"Maximum Δp: {100 * k['p_diff_max']:6.3f}%")
+        for q in (99.9, 99.0, 95.0, 90.0, 75.0):
+            print(f"{q:4.1f}%   Δp: {100 * k[f'p_diff_p{q:g}']:6.3f}%")
+        print(f"Median  Δp: {100 * k['p_diff_median']:6.3f}%")
+        for q in (25.0, 10.0, 5.0, 1.0, 0.1):
+            print(f"{q:4.1f}%   Δp: {100 * k[f'p_diff_p{q:g}']:6.3f}%")
+        print(f"Minimum Δp: {100 * k['p_diff_min']:6.3f}%")
+        print(f"RMS Δp    : {100 * k['p_diff_rms']:6.3f} ± {100 * k['p_diff_rms_err']:5.3f} %")
+        print(f"Same top p: {100 * k['same_top']:6.3f} ± {100 * k['same_top_err']:5.3f} %")
+    elif args.kl_divergence_base is not None:
+        print(f"saved the log-probabilities to {args.kl_divergence_base}")
+    print(f"PPL = {r.ppl:.4f} +/- {r.ppl_err:.5f}")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from qwenlite.gguf.reader import GGUFFile
     from qwenlite.model.config import ModelConfig
@@ -655,6 +723,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--question", default=None, help="the question (question-answering models)")
     p.add_argument("--json", action="store_true", help="every label's logit and probability as JSON")
     p.set_defaults(func=cmd_classify, escape=False)
+
+    p = sub.add_parser("perplexity", help="perplexity and KL divergence of a text, as llama-perplexity computes them",
+                       formatter_class=_Help)
+    _add_model(p)
+    p.set_defaults(ctx_size=512)
+    p.add_argument("-f", "--file", default=None, help="the text, UTF-8 (- = stdin)")
+    p.add_argument("-b", "--batch-size", type=int, default=2048,
+                   help="tokens per forward pass: batch / ctx chunks are evaluated together (llama.cpp's rule)")
+    p.add_argument("--chunks", type=int, default=None, help="at most this many chunks (default: all)")
+    p.add_argument("--kl-divergence-base", default=None, metavar="FILE",
+                   help="save the log-probabilities there (llama.cpp's format), or with --kl-divergence read them")
+    p.add_argument("--kl-divergence", action="store_true",
+                   help="compare with the --kl-divergence-base file (its tokens are scored; no -f)")
+    p.set_defaults(func=cmd_perplexity, prompt=None, escape=False)
 
     p = sub.add_parser("chat", help="interactive streaming chat, or one reply with -p", formatter_class=_Help)
     _add_model(p)

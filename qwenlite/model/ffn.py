@@ -29,8 +29,10 @@ class DenseFFN:
 
     def __call__(self, be: Backend, x: np.ndarray) -> np.ndarray:
         if self.gate_up is not None:
+            # Column views of the stacked output, not copies: copying them cost 6% of a 2048-token
+            # prefill of the 0.5B model (0.71 s of 11.0 s, cProfile), and the kernel reads rows either way.
             gu = be.linear(self.gate_up, x)
-            g, u = np.ascontiguousarray(gu[:, : self.n_ff]), np.ascontiguousarray(gu[:, self.n_ff :])
+            g, u = gu[:, : self.n_ff], gu[:, self.n_ff :]
         else:
             g, u = be.linear(self.gate, x), be.linear(self.up, x)
         return be.linear(self.down, be.swiglu(g, u))

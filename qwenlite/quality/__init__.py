@@ -1,0 +1,1 @@
+"""Quality measurement: perplexity and KL divergence (llama-perplexity's definitions)."""
