@@ -545,14 +545,13 @@ class Model:
             if file_vocab != n_vocab:
                 raise QwenliteError(f"{kl_divergence_base}: saved with a vocabulary of {file_vocab} tokens, this model "
                                     f"has {n_vocab}")
-        else:
-            if text is None:
-                raise QwenliteError("perplexity() needs a text or token ids")
-            tokens = self._corpus(text)
-            chunk_list = quality.chunks(tokens, n_ctx, n_chunks)
         if n_ctx > self.n_ctx:
             raise QwenliteError(f"a perplexity context of {n_ctx} exceeds this model's context of {self.n_ctx} per "
                                 "sequence; load it with a larger n_ctx")
+        if not kl_divergence:
+            if text is None:
+                raise QwenliteError("perplexity() needs a text or token ids")
+            chunk_list = quality.chunks(self._corpus(text), n_ctx, n_chunks)
         first = n_ctx // 2
         want = np.zeros(n_ctx, bool)
         want[first : n_ctx - 1] = True
