@@ -163,7 +163,7 @@ class ModelConfig:
         arch = ARCHITECTURES.get(hf_arch)
         if arch is None:
             raise QwenliteError(f"unsupported architecture {shown(hf_arch)}; qwenlite converts "
-                                f"{', '.join(ARCHITECTURES)}")
+                                f"{' and '.join(TRUNKS)} with {', '.join(TASKS)}")
         task = next(t for suffix, t in TASKS.items() if hf_arch.endswith(suffix))
         n_layer = _int(cfg, "num_hidden_layers", maximum=MAX_LAYERS)
         n_embd = _int(cfg, "hidden_size", maximum=MAX_WIDTH)
