@@ -527,7 +527,7 @@ class Model:
 
     def perplexity(self, text: str | Sequence[int] | None = None, n_ctx: int = 512, n_chunks: int | None = None, *,
                    kl_divergence_base: str | os.PathLike[str] | None = None, kl_divergence: bool = False,
-                   progress: Callable[[int, float, dict[str, float] | None], None] | None = None) -> PerplexityResult:
+                   progress: Callable[[int, float, float | None], None] | None = None) -> PerplexityResult:
         """Perplexity of ``text`` (or token ids) the way ``llama-perplexity -c n_ctx --chunks n_chunks``
         computes it (``qwenlite.quality.perplexity``: chunks of ``n_ctx`` tokens, the second half of each
         scored); chunks share forward passes, ``n_seq`` at a time. With ``kl_divergence_base`` the

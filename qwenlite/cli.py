@@ -431,8 +431,8 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     args.ctx_size = n_ctx
     model = _load(args, n_seq=max(1, args.batch_size // n_ctx))
 
-    def progress(i: int, ppl: float, kld: dict[str, float] | None) -> None:
-        extra = f" KLD {kld['kld']:.6f}" if kld is not None else ""
+    def progress(i: int, ppl: float, kld: float | None) -> None:
+        extra = f" KLD {kld:.6f}" if kld is not None else ""
         print(f"[{i}]{ppl:.4f}{extra},", end="\n" if kld is not None else "", file=sys.stderr, flush=True)
 
     r = model.perplexity(text, n_ctx, args.chunks, kl_divergence_base=args.kl_divergence_base,

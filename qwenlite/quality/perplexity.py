@@ -26,6 +26,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -278,12 +279,11 @@ Evaluate = Callable[[list[list[int]]], list[np.ndarray]]
 
 def run(evaluate: Evaluate, chunk_list: list[list[int]], n_vocab: int, n_seq: int, *, bos: int | None = None,
         save_base: str | os.PathLike[str] | None = None, kld_base: str | os.PathLike[str] | None = None,
-        progress: Callable[[int, float, dict[str, float] | None], None] | None = None) -> PerplexityResult:
+        progress: Callable[[int, float, float | None], None] | None = None) -> PerplexityResult:
     """Score ``chunk_list``, ``n_seq`` chunks per call of ``evaluate`` (which returns, per chunk, the
     logits of its positions ``first .. n_ctx - 2``), optionally writing a base file or comparing with
-    one. ``progress(chunks_done, running_ppl, running_kld)`` after each chunk."""
-    import time
-
+    one. ``progress(chunks_done, running_ppl, running_mean_kld)`` after each chunk (the full report,
+    which sorts every position's values for the percentiles, is built once at the end)."""
     n_ctx = len(chunk_list[0])
     first = n_ctx // 2
     n_rows = n_ctx - 1 - first
@@ -316,7 +316,7 @@ def run(evaluate: Evaluate, chunk_list: list[list[int]], n_vocab: int, n_seq: in
                     rows = np.frombuffer(base_in.read(2 * n_rows * width), np.uint16).reshape(n_rows, width)
                     stats.add(logits, rows, targets)
                 if progress is not None:
-                    progress(len(running), running[-1], stats.report() if stats is not None else None)
+                    progress(len(running), running[-1], stats.sum_kld / stats.count if stats is not None else None)
     except BaseException:
         if base_file is not None:
             base_file.abort()
